@@ -1,0 +1,24 @@
+# Everything runs from the project's own virtual environment, created on first use.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
+
+.PHONY: run test bench clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+run: $(STAMP)  ## the whole system on embedded defaults; the gateway on 127.0.0.1:8080
+	$(PY) -m services.run
+
+test: $(STAMP)  ## the suite (PostgreSQL/Redis when DATABASE_URL/REDIS_URL are set, else SQLite + embedded redis)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)  ## API throughput against a hello-world baseline (needs PostgreSQL: BENCH_DATABASE_URL)
+	$(PY) bench/api.py
+
+clean:
+	rm -rf var/

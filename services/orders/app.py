@@ -1,0 +1,186 @@
+"""The orders service's app factory: wires the database, auth, limits and the blueprints."""
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import redis
+from flask import Flask, Response, g, request
+from flask_smorest import Api
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm.exc import StaleDataError
+
+from shared import errors, ratelimit
+from shared.auth import Caller, bearer_token, is_admin_key, verify_session
+from shared.celery_app import make_celery
+from shared.db import Database, utcnow
+from shared.outbox import Outbox
+from shared.settings import Settings, load
+from shared.web import create_base_app
+
+from . import services
+from .models import IdempotencyRecord, OutboxEvent
+from .payments import make_verifier
+
+log = logging.getLogger(__name__)
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or load()
+    db = Database(settings.orders_db)
+    cache = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    runtime = services.Runtime(settings, Outbox(OutboxEvent, make_celery("orders-web", settings), db),
+                               make_verifier(settings))
+
+    app = create_base_app("orders", settings, lambda: {
+        "database": lambda: db.engine.connect().execute(text("SELECT 1")).close() is None,
+        "redis": cache.ping,
+    })
+    app.extensions.update(orders_runtime=runtime, redis=cache)
+    db.init_app(app, on_commit_error=lambda exc: _commit_error(db, exc))
+    _install_auth_and_limits(app, db, cache, settings)
+    _install_idempotency(app, db)
+
+    @app.errorhandler(StaleDataError)
+    def _stale(_exc):
+        return errors.error_response(409, "The order changed meanwhile; reload it.", "invalid_transition")
+
+    @app.errorhandler(IntegrityError)
+    def _integrity(_exc):
+        return errors.error_response(409, "That conflicts with a change made meanwhile; retry.", "conflict")
+
+    @app.errorhandler(OperationalError)
+    def _db_down(_exc):
+        log.warning("database error", exc_info=True)
+        return errors.error_response(503, "The database is unavailable; retry later.", "service_unavailable")
+
+    app.config.update(API_TITLE="Order desk — orders", API_VERSION="1", OPENAPI_VERSION="3.0.3",
+                      OPENAPI_URL_PREFIX="/api", OPENAPI_JSON_PATH="openapi.json")
+    api = Api(app)
+    api.spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    from . import views
+    for blueprint in views.blueprints():
+        api.register_blueprint(blueprint)
+    app.register_blueprint(views.internal)
+    return app
+
+
+def _commit_error(db: Database, exc: Exception):
+    if isinstance(exc, StaleDataError):
+        return errors.error_response(409, "The order changed meanwhile; reload it.", "invalid_transition")
+    if isinstance(exc, IntegrityError):
+        replay = _replay_after_race(db)
+        if replay is not None:
+            return replay
+        return errors.error_response(409, "That conflicts with a change made meanwhile; retry.", "conflict")
+    log.warning("commit failed", exc_info=exc)
+    return errors.error_response(503, "The database is unavailable; retry later.", "service_unavailable")
+
+
+def current_db() -> Database:
+    from flask import current_app
+    return current_app.extensions["db"]
+
+
+def _install_auth_and_limits(app: Flask, db: Database, cache: redis.Redis, settings: Settings) -> None:
+    @app.before_request
+    def _authenticate():
+        if not request.path.startswith("/api/") or request.path == "/api/openapi.json":
+            return
+        g.caller = _resolve_caller(db, settings)
+        if not settings.rate_limits:
+            return
+        anonymous = g.caller.kind == "anonymous"
+        limit = settings.rate_limit_anonymous_per_minute if anonymous else settings.rate_limit_per_minute
+        try:
+            verdict = ratelimit.hit(cache, g.caller.key, limit)
+        except redis.RedisError:
+            log.warning("rate limiter unavailable; letting the request through", exc_info=True)
+            return
+        g.rate_limit = verdict
+        if not verdict.allowed:
+            raise errors.RateLimited(f"Rate limit of {limit} requests per minute reached; retry in "
+                                     f"{verdict.reset} s.", headers=verdict.headers())
+
+    @app.after_request
+    def _limit_headers(response):
+        verdict = g.get("rate_limit")
+        if verdict is not None:
+            for key, value in verdict.headers().items():
+                response.headers.setdefault(key, value)
+        return response
+
+
+def _resolve_caller(db: Database, settings: Settings) -> Caller:
+    token = bearer_token()
+    if token is None:
+        return Caller("anonymous", request.remote_addr or "unknown")
+    if token.startswith("atl_"):
+        agent = services.agent_by_key(db.session(), token)
+        if agent is None:
+            raise errors.Unauthenticated("Unknown agent API key.")
+        return Caller("agent", agent.id)
+    if token.startswith("ses."):
+        caller = verify_session(settings.session_secret, token)
+        if caller is None:
+            raise errors.Unauthenticated("The session token is invalid or has expired; log in again.")
+        return caller
+    if is_admin_key(token, settings.admin_api_keys):
+        return Caller("admin", "admin-" + hashlib.sha256(token.encode()).hexdigest()[:8])
+    raise errors.Unauthenticated("Unknown credentials.")
+
+
+def _install_idempotency(app: Flask, db: Database) -> None:
+    """Same key and body: replay the first response. Same key, other body: 409."""
+
+    @app.before_request
+    def _check_key():
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        if key is None or request.method not in ("POST", "PATCH") or "caller" not in g:
+            return
+        if not 1 <= len(key) <= 255:
+            raise errors.ValidationError("Idempotency-Key must be 1-255 characters.")
+        fingerprint = hashlib.sha256(b"%s %s\n" % (request.method.encode(), request.path.encode())
+                                     + request.get_data()).hexdigest()
+        record = db.session().get(IdempotencyRecord, (g.caller.key, key))
+        if record is None:
+            g.idempotency = (g.caller.key, key, fingerprint)
+            return
+        if record.fingerprint != fingerprint:
+            raise errors.IdempotencyConflict()
+        return _replay(record)
+
+    @app.after_request
+    def _remember(response):
+        pending = g.pop("idempotency", None)
+        if pending is not None and response.status_code < 400:
+            caller, key, fingerprint = pending
+            db.session().add(IdempotencyRecord(caller=caller, key=key, fingerprint=fingerprint,
+                                               status=response.status_code,
+                                               body=response.get_data(as_text=True), created_at=utcnow()))
+            g.idempotency_pending = pending
+        return response
+
+
+def _replay(record: IdempotencyRecord) -> Response:
+    response = Response(record.body, status=record.status, mimetype="application/json")
+    response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def _replay_after_race(db: Database) -> Response | None:
+    """Two requests with one key raced; the loser replays the winner's response."""
+    pending = g.pop("idempotency_pending", None)
+    if pending is None:
+        return None
+    caller, key, fingerprint = pending
+    with db.transaction() as session:
+        record = session.scalar(select(IdempotencyRecord).where(IdempotencyRecord.caller == caller,
+                                                                IdempotencyRecord.key == key))
+        if record is None:
+            return None
+        if record.fingerprint != fingerprint:
+            return errors.error_response(409, errors.IdempotencyConflict.message, "idempotency_conflict")
+        return _replay(record)

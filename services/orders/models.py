@@ -1,0 +1,189 @@
+"""Tables owned by the orders service."""
+from __future__ import annotations
+
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from shared.db import Base, UTCDateTime, utcnow
+from shared.outbox import OutboxMixin
+
+
+class Agent(Base):
+    __tablename__ = "agents"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    api_key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    payout_wallet: Mapped[str | None] = mapped_column(String(64))
+    payout_chain: Mapped[str | None] = mapped_column(String(16))
+    endpoint_url: Mapped[str | None] = mapped_column(String(2048))
+    webhook_secret: Mapped[str | None] = mapped_column(String(128))
+    # reputation, updated in the transaction of the review or completion that changes it
+    review_count: Mapped[int] = mapped_column(Integer, default=0)
+    rating_sum: Mapped[int] = mapped_column(Integer, default=0)
+    rating_1: Mapped[int] = mapped_column(Integer, default=0)
+    rating_2: Mapped[int] = mapped_column(Integer, default=0)
+    rating_3: Mapped[int] = mapped_column(Integer, default=0)
+    rating_4: Mapped[int] = mapped_column(Integer, default=0)
+    rating_5: Mapped[int] = mapped_column(Integer, default=0)
+    completed_orders: Mapped[int] = mapped_column(Integer, default=0)
+    total_orders: Mapped[int] = mapped_column(Integer, default=0)
+    created_at = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    updated_at = mapped_column(UTCDateTime(), nullable=False, default=utcnow, onupdate=utcnow)
+
+
+class Service(Base):
+    __tablename__ = "services"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(ForeignKey("agents.id"), index=True)
+    title: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(Text)
+    price_type: Mapped[str] = mapped_column(String(16))
+    price_cents: Mapped[int | None] = mapped_column(Integer)
+    turnaround_hours: Mapped[int] = mapped_column(Integer)
+    max_revisions: Mapped[int] = mapped_column(Integer)
+    quota_limit: Mapped[int] = mapped_column(Integer, default=0)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+
+
+class Order(Base):
+    __tablename__ = "orders"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    status: Mapped[str] = mapped_column(String(32))
+    service_id: Mapped[str] = mapped_column(ForeignKey("services.id"))
+    agent_id: Mapped[str] = mapped_column(ForeignKey("agents.id"))
+    client_wallet: Mapped[str] = mapped_column(String(64))
+    client_chain: Mapped[str] = mapped_column(String(16))
+    price_type: Mapped[str] = mapped_column(String(16))
+    brief: Mapped[str] = mapped_column(Text)
+    reference_urls: Mapped[list] = mapped_column(JSON, default=list)
+    quoted_price_cents: Mapped[int | None] = mapped_column(Integer)
+    escrow_tx_hash: Mapped[str | None] = mapped_column(String(128), unique=True)
+    revision_count: Mapped[int] = mapped_column(Integer, default=0)
+    max_revisions: Mapped[int] = mapped_column(Integer)
+    turnaround_hours: Mapped[int] = mapped_column(Integer)
+    delivery_count: Mapped[int] = mapped_column(Integer, default=0)
+    event_sequence: Mapped[int] = mapped_column(Integer, default=0)
+    paid_at = mapped_column(UTCDateTime())
+    due_at = mapped_column(UTCDateTime())
+    review_deadline_at = mapped_column(UTCDateTime())
+    completed_at = mapped_column(UTCDateTime())
+    cancelled_at = mapped_column(UTCDateTime())
+    # how the held money was settled: agent part and buyer part, in cents
+    settled_agent_cents: Mapped[int | None] = mapped_column(Integer)
+    settled_buyer_cents: Mapped[int | None] = mapped_column(Integer)
+    created_at = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    updated_at = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+
+    # two writers on one order: the second's UPDATE matches no row and fails
+    __mapper_args__ = {"version_id_col": version}
+    __table_args__ = (
+        Index("ix_orders_client_created", "client_wallet", "created_at", "id"),
+        Index("ix_orders_agent_status", "agent_id", "status", "created_at"),
+    )
+
+    timeline: Mapped[list["TimelineEntry"]] = relationship(
+        order_by="TimelineEntry.number", lazy="selectin", cascade="all, delete-orphan")
+    deliveries: Mapped[list["Delivery"]] = relationship(
+        order_by="Delivery.number", lazy="selectin", cascade="all, delete-orphan")
+    revisions: Mapped[list["Revision"]] = relationship(
+        order_by="Revision.number", lazy="selectin", cascade="all, delete-orphan")
+    review: Mapped["Review | None"] = relationship(lazy="selectin", uselist=False)
+
+
+class TimelineEntry(Base):
+    __tablename__ = "order_timeline"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    action: Mapped[str] = mapped_column(String(32))
+    from_status: Mapped[str | None] = mapped_column(String(32))
+    to_status: Mapped[str] = mapped_column(String(32))
+    actor_type: Mapped[str] = mapped_column(String(16))
+    actor_id: Mapped[str | None] = mapped_column(String(64))
+    note: Mapped[str | None] = mapped_column(Text)
+    at = mapped_column(UTCDateTime(), nullable=False)
+    __table_args__ = (UniqueConstraint("order_id", "number"),)
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    created_at = mapped_column(UTCDateTime(), nullable=False)
+    items: Mapped[list["DeliveryItem"]] = relationship(
+        order_by="DeliveryItem.position", lazy="selectin", cascade="all, delete-orphan")
+    __table_args__ = (UniqueConstraint("order_id", "number"),)
+
+
+class DeliveryItem(Base):
+    __tablename__ = "delivery_items"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("deliveries.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    media_type: Mapped[str] = mapped_column(String(16))
+    title: Mapped[str | None] = mapped_column(String(200))
+    url: Mapped[str | None] = mapped_column(String(2048))
+    preview_url: Mapped[str | None] = mapped_column(String(2048))
+    preview_status: Mapped[str | None] = mapped_column(String(16))
+
+
+class Revision(Base):
+    __tablename__ = "revisions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    feedback: Mapped[str] = mapped_column(Text)
+    is_extra: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at = mapped_column(UTCDateTime(), nullable=False)
+    __table_args__ = (UniqueConstraint("order_id", "number"),)
+
+
+class Review(Base):
+    __tablename__ = "reviews"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), unique=True)
+    agent_id: Mapped[str] = mapped_column(ForeignKey("agents.id"), index=True)
+    client_wallet: Mapped[str] = mapped_column(String(64))
+    rating: Mapped[int] = mapped_column(Integer)
+    comment: Mapped[str | None] = mapped_column(Text)
+    created_at = mapped_column(UTCDateTime(), nullable=False)
+
+
+class Timer(Base):
+    """Far-future work: a due time that a beat sweep claims and fires."""
+    __tablename__ = "order_timers"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))  # the system action it fires
+    due_at = mapped_column(UTCDateTime(), nullable=False)
+    fired_at = mapped_column(UTCDateTime())
+    __table_args__ = (Index("ix_order_timers_due", "fired_at", "due_at"),)
+
+
+class SandboxTransfer(Base):
+    """Play-money transfers for the sandbox payment verifier (and, later, the sandbox rail)."""
+    __tablename__ = "sandbox_transfers"
+    tx_hash: Mapped[str] = mapped_column(String(128), primary_key=True)
+    from_wallet: Mapped[str] = mapped_column(String(64))
+    to_address: Mapped[str] = mapped_column(String(64))
+    amount_cents: Mapped[int] = mapped_column(Integer)
+    asset: Mapped[str] = mapped_column(String(16))
+    chain: Mapped[str] = mapped_column(String(16))
+    created_at = mapped_column(UTCDateTime(), nullable=False)
+
+
+class IdempotencyRecord(Base):
+    __tablename__ = "idempotency_keys"
+    caller: Mapped[str] = mapped_column(String(100), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int] = mapped_column(Integer)
+    body: Mapped[str] = mapped_column(Text)
+    created_at = mapped_column(UTCDateTime(), nullable=False, index=True)
+
+
+class OutboxEvent(OutboxMixin, Base):
+    __tablename__ = "outbox_events"

@@ -1,0 +1,68 @@
+"""Payment verifiers: did this transaction pay this order? One interface, chosen by setting."""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from shared import errors
+from shared.db import utcnow
+from shared.settings import Settings
+
+from .models import SandboxTransfer
+
+ASSET = "USDC"
+
+
+@dataclass(frozen=True)
+class Expected:
+    amount_cents: int
+    destination: str
+    asset: str
+    chain: str
+
+
+def destination_for(chain: str, settings: Settings) -> str:
+    return settings.treasury_solana if chain == "solana" else settings.treasury_base
+
+
+class SandboxVerifier:
+    """Checks a transfer made through /api/sandbox/transfers with the same rules as a chain."""
+
+    name = "sandbox"
+
+    def verify(self, session: Session, tx_hash: str, expected: Expected) -> None:
+        transfer = session.get(SandboxTransfer, tx_hash)
+        if transfer is None:
+            raise errors.PaymentUnverified("No such transaction.", {"reason": "unknown_transaction"})
+        problems = []
+        if transfer.chain != expected.chain:
+            problems.append(f"chain is {transfer.chain}, expected {expected.chain}")
+        if transfer.asset != expected.asset:
+            problems.append(f"asset is {transfer.asset}, expected {expected.asset}")
+        if transfer.to_address != expected.destination:
+            problems.append("destination is not the escrow treasury")
+        if transfer.amount_cents != expected.amount_cents:
+            problems.append("amount does not match the quoted price")
+        if problems:
+            raise errors.PaymentUnverified("The transaction does not pay this order: " + "; ".join(problems) + ".",
+                                           {"reason": "mismatch", "problems": problems})
+
+
+VERIFIERS = {"sandbox": SandboxVerifier}
+
+
+def make_verifier(settings: Settings):
+    try:
+        return VERIFIERS[settings.payment_verifier]()
+    except KeyError:
+        raise ValueError(f"PAYMENT_VERIFIER={settings.payment_verifier!r} is not one of {sorted(VERIFIERS)}") from None
+
+
+def record_sandbox_transfer(session: Session, from_wallet: str, to: str, amount_cents: int, asset: str,
+                            chain: str) -> SandboxTransfer:
+    transfer = SandboxTransfer(tx_hash="sbx_" + secrets.token_hex(32), from_wallet=from_wallet, to_address=to,
+                               amount_cents=amount_cents, asset=asset, chain=chain, created_at=utcnow())
+    session.add(transfer)
+    return transfer

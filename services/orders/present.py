@@ -1,0 +1,66 @@
+"""What each viewer sees of a resource: plain dicts for the envelope's `data`."""
+from __future__ import annotations
+
+from decimal import ROUND_HALF_UP, Decimal
+
+from shared.auth import Caller
+from shared.db import isoformat
+from shared.money import format_usd
+
+from .models import Agent, Order, Review, Service
+from .services import party_of
+
+
+def agent(a: Agent, private: bool = False) -> dict:
+    avg = None
+    if a.review_count:
+        avg = str((Decimal(a.rating_sum) / a.review_count).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
+    out = {"id": a.id, "name": a.name, "avg_rating": avg, "review_count": a.review_count,
+           "rating_histogram": {str(n): getattr(a, f"rating_{n}") for n in range(1, 6)},
+           "completed_orders": a.completed_orders, "total_orders": a.total_orders,
+           "created_at": isoformat(a.created_at)}
+    if private:  # the agent's own payout and webhook settings
+        out.update(payout_wallet=a.payout_wallet, payout_chain=a.payout_chain, endpoint_url=a.endpoint_url)
+    return out
+
+
+def service(s: Service) -> dict:
+    return {"id": s.id, "agent_id": s.agent_id, "title": s.title, "description": s.description,
+            "price_type": s.price_type, "price_usd": format_usd(s.price_cents),
+            "turnaround_hours": s.turnaround_hours, "max_revisions": s.max_revisions,
+            "quota_limit": s.quota_limit, "created_at": isoformat(s.created_at)}
+
+
+def review(r: Review | None) -> dict | None:
+    if r is None:
+        return None
+    return {"id": r.id, "order_id": r.order_id, "rating": r.rating, "comment": r.comment,
+            "created_at": isoformat(r.created_at)}
+
+
+def order(o: Order, viewer: Caller) -> dict:
+    role = party_of(o, viewer)
+    # the buyer sees an image's original only once the order is completed (DESIGN.md §3)
+    originals_visible = role != "buyer" or o.status == "completed"
+    deliveries = [{
+        "id": d.id, "number": d.number, "created_at": isoformat(d.created_at),
+        "items": [{"id": i.id, "media_type": i.media_type, "title": i.title,
+                   "url": i.url if (i.media_type != "image" or originals_visible) else None,
+                   "preview_url": i.preview_url, "preview_status": i.preview_status} for i in d.items],
+    } for d in o.deliveries]
+    return {
+        "id": o.id, "status": o.status, "service_id": o.service_id, "agent_id": o.agent_id,
+        "client_wallet": o.client_wallet, "price_type": o.price_type, "brief": o.brief,
+        "reference_urls": o.reference_urls or [], "quoted_price_usd": format_usd(o.quoted_price_cents),
+        "escrow_tx_hash": o.escrow_tx_hash, "revision_count": o.revision_count,
+        "max_revisions": o.max_revisions, "due_at": isoformat(o.due_at),
+        "review_deadline_at": isoformat(o.review_deadline_at), "deliveries": deliveries,
+        "revisions": [{"number": r.number, "feedback": r.feedback, "is_extra": r.is_extra,
+                       "created_at": isoformat(r.created_at)} for r in o.revisions],
+        "workspace": None, "review": review(o.review),
+        # payout and refund records arrive with the payouts worker; until then none exists
+        "payout": None, "refund": None,
+        "timeline": [{"action": t.action, "from": t.from_status, "to": t.to_status, "actor_type": t.actor_type,
+                      "actor_id": t.actor_id, "at": isoformat(t.at), "note": t.note} for t in o.timeline],
+        "created_at": isoformat(o.created_at), "updated_at": isoformat(o.updated_at),
+    }

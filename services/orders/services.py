@@ -1,0 +1,337 @@
+"""Domain logic of orders: no `request`, no commit. Raise to refuse; the wrapper rolls back."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.orm import Session
+
+from shared import errors, logs
+from shared.auth import Caller, hash_secret, new_api_key, new_webhook_secret
+from shared.db import utcnow
+from shared.ids import new_id
+from shared.money import fee_cents, format_usd
+from shared.outbox import Outbox
+from shared.settings import Settings
+
+from . import statemachine as sm
+from .models import (Agent, Delivery, DeliveryItem, Order, Revision, Review, Service, TimelineEntry,
+                     Timer)
+from .payments import ASSET, Expected, destination_for
+
+log = logging.getLogger(__name__)
+
+WORKSPACE_TYPES = frozenset({"weekly", "monthly"})
+
+
+@dataclass
+class Runtime:
+    """What the domain needs from the outside, built once per process."""
+    settings: Settings
+    outbox: Outbox
+    verifier: object
+
+
+# --- agents and services ---------------------------------------------------------------------
+
+def register_agent(session: Session, data: dict) -> tuple[Agent, str, str | None]:
+    api_key = new_api_key()
+    secret = new_webhook_secret() if data.get("endpoint_url") else None
+    agent = Agent(id=new_id("agent"), name=data["name"].strip(), api_key_hash=hash_secret(api_key),
+                  payout_wallet=data.get("payout_wallet"), payout_chain=data.get("payout_chain"),
+                  endpoint_url=data.get("endpoint_url"), webhook_secret=secret)
+    session.add(agent)
+    return agent, api_key, secret
+
+
+def update_agent(session: Session, agent: Agent, data: dict) -> str | None:
+    """Apply a profile change; returns a new webhook secret when an endpoint is first set."""
+    secret = None
+    for key in ("name", "payout_wallet", "payout_chain", "endpoint_url"):
+        if key in data:
+            setattr(agent, key, data[key].strip() if key == "name" else data[key])
+    if data.get("endpoint_url") and not agent.webhook_secret:
+        secret = agent.webhook_secret = new_webhook_secret()
+    agent.updated_at = utcnow()
+    return secret
+
+
+def agent_by_key(session: Session, api_key: str) -> Agent | None:
+    return session.scalar(select(Agent).where(Agent.api_key_hash == hash_secret(api_key)))
+
+
+def create_service(session: Session, rt: Runtime, agent: Agent, data: dict) -> Service:
+    service = Service(id=new_id("service"), agent_id=agent.id, title=data["title"].strip(),
+                      description=data["description"], price_type=data["price_type"],
+                      price_cents=data.get("price_cents"),
+                      turnaround_hours=data.get("turnaround_hours") or rt.settings.default_turnaround_hours,
+                      max_revisions=data.get("max_revisions", 3), quota_limit=data.get("quota_limit", 0),
+                      active=True, created_at=utcnow())
+    session.add(service)
+    return service
+
+
+# --- orders ----------------------------------------------------------------------------------
+
+def place_order(session: Session, rt: Runtime, buyer: Caller, data: dict) -> Order:
+    service = session.get(Service, data["service_id"])
+    if service is None or not service.active:
+        raise errors.NotFound("No such service.")
+    now = utcnow()
+    listed = service.price_type != "quote"
+    order = Order(id=new_id("order"), status="quoted" if listed else "pending_quote", service_id=service.id,
+                  agent_id=service.agent_id, client_wallet=buyer.id, client_chain=buyer.chain,
+                  price_type=service.price_type, brief=data["brief"],
+                  reference_urls=data.get("reference_urls") or [],
+                  quoted_price_cents=service.price_cents if listed else None,
+                  max_revisions=service.max_revisions, turnaround_hours=service.turnaround_hours,
+                  revision_count=0, delivery_count=0, event_sequence=0, created_at=now, updated_at=now)
+    session.add(order)
+    _timeline(order, "create", None, order.status, buyer, now, None)
+    _set_timer(session, order, "expire_quote", now + dt.timedelta(seconds=rt.settings.quote_expiry_seconds))
+    agent = session.get(Agent, service.agent_id)
+    agent.total_orders = Agent.total_orders + 1
+    _emit(session, rt, order, "order.created", {"action": "create", "from": None, "to": order.status})
+    return order
+
+
+def get_order(session: Session, order_id: str, caller: Caller, for_update: bool = False) -> Order:
+    """The order if the caller may see it; strangers get 404, never a hint that it exists."""
+    query = select(Order).where(Order.id == order_id)
+    if for_update:
+        query = query.with_for_update()
+    order = session.scalar(query)
+    if order is None or not can_view(order, caller):
+        raise errors.NotFound("No such order.")
+    logs.order_id.set(order.id)
+    return order
+
+
+def can_view(order: Order, caller: Caller) -> bool:
+    return caller.kind == "admin" or party_of(order, caller) is not None
+
+
+def party_of(order: Order, caller: Caller) -> str | None:
+    if caller.kind == "buyer" and caller.id == order.client_wallet:
+        return "buyer"
+    if caller.kind == "agent" and caller.id == order.agent_id:
+        return "agent"
+    if caller.kind == "admin":
+        return "admin"
+    return None
+
+
+def list_orders(session: Session, *, client_wallet: str | None = None, agent_id: str | None = None,
+                statuses: list[str] | None = None, cursor: tuple | None = None, limit: int = 20):
+    query = select(Order)
+    if client_wallet is not None:
+        query = query.where(Order.client_wallet == client_wallet)
+    if agent_id is not None:
+        query = query.where(Order.agent_id == agent_id)
+    if statuses:
+        query = query.where(Order.status.in_(statuses))
+    if cursor is not None:
+        query = query.where(tuple_(Order.created_at, Order.id) < tuple_(*cursor))
+    rows = session.scalars(query.order_by(Order.created_at.desc(), Order.id.desc()).limit(limit + 1)).all()
+    more = len(rows) > limit
+    return rows[:limit], (rows[limit - 1] if more else None)
+
+
+def payment_instructions(order: Order, rt: Runtime) -> dict:
+    if order.quoted_price_cents is None:
+        raise errors.InvalidTransition("The order has no price yet: wait for the agent's quote.",
+                                       {"status": order.status})
+    return {"amount_usd": format_usd(order.quoted_price_cents), "asset": ASSET, "chain": order.client_chain,
+            "destination": destination_for(order.client_chain, rt.settings)}
+
+
+def act(session: Session, rt: Runtime, order: Order, action: str, caller: Caller, params: dict,
+        now: dt.datetime | None = None) -> Order:
+    """Take one action of the table on the order, with its effect, timeline entry and event."""
+    now = now or utcnow()
+    actor = "system" if caller.kind == "system" else party_of(order, caller)
+    if actor is None:
+        raise errors.NotFound("No such order.")
+    row = sm.find(action, actor, order, now, rt.settings)
+    effect = EFFECTS.get(action)
+    variant = effect(session, rt, order, caller, params, now) if effect else None
+    source, target = order.status, row.target(variant or "default")
+    if action == "pay" and source == "quoted":
+        # paying a quote accepts it first, and the timeline says so
+        _timeline(order, "accept", "quoted", "accepted", caller, now, None)
+        source = "accepted"
+    order.status = target
+    order.updated_at = now
+    if target == "completed":
+        order.completed_at = now
+        agent = session.get(Agent, order.agent_id)
+        agent.completed_orders = Agent.completed_orders + 1
+    elif target == "cancelled":
+        order.cancelled_at = now
+    _timeline(order, action, source, target, caller, now, params.get("note"))
+    event = row.event
+    if action == "resolve":
+        event = "order.completed" if target == "completed" else "order.cancelled"
+    _emit(session, rt, order, event, {"action": action, "from": source, "to": target,
+                                      **_settlement(order, target, rt.settings)})
+    return order
+
+
+# effects: run after the table allowed the action and before the state changes; may pick a variant
+
+def _quote(session, rt, order, caller, params, now):
+    order.quoted_price_cents = params["price_cents"]
+
+
+def _pay(session, rt, order, caller, params, now):
+    tx_hash = params["escrow_tx_hash"]
+    if session.scalar(select(Order.id).where(Order.escrow_tx_hash == tx_hash)):
+        raise errors.PaymentReused()
+    rt.verifier.verify(session, tx_hash, Expected(order.quoted_price_cents,
+                                                  destination_for(order.client_chain, rt.settings),
+                                                  ASSET, order.client_chain))
+    order.escrow_tx_hash = tx_hash
+    order.paid_at = now
+    order.due_at = now + dt.timedelta(hours=order.turnaround_hours)
+    return "workspace" if order.price_type in WORKSPACE_TYPES else None
+
+
+def _deliver(session, rt, order, caller, params, now):
+    order.delivery_count += 1
+    delivery = Delivery(id=new_id("delivery"), order_id=order.id, number=order.delivery_count, created_at=now)
+    for position, item in enumerate(params["deliverables"]):
+        delivery.items.append(DeliveryItem(
+            id=new_id("item"), position=position, media_type=item["media_type"], title=item.get("title"),
+            url=item["url"], preview_url=None,
+            # image previews are rendered by the media worker; until then the buyer waits
+            preview_status="pending" if item["media_type"] == "image" else None))
+    order.deliveries.append(delivery)
+    order.review_deadline_at = now + dt.timedelta(seconds=rt.settings.review_window_seconds)
+    _set_timer(session, order, "auto_complete", order.review_deadline_at)
+
+
+def _revision(session, rt, order, caller, params, now):
+    order.revision_count += 1
+    order.revisions.append(Revision(order_id=order.id, number=order.revision_count, feedback=params["feedback"],
+                                    is_extra=order.revision_count > order.max_revisions, created_at=now))
+    params["note"] = params["feedback"]
+
+
+def _with_reason(session, rt, order, caller, params, now):
+    params["note"] = params.get("reason") or None
+
+
+def _resolve(session, rt, order, caller, params, now):
+    held = order.quoted_price_cents
+    outcome = params["outcome"]
+    if outcome == "split":
+        agent_part = params.get("agent_amount_cents")
+        if agent_part is None:
+            raise errors.ValidationError("A split needs agent_amount_usd.",
+                                         {"fields": {"agent_amount_usd": ["Required for a split."]}})
+        if not 0 < agent_part < held:
+            raise errors.ValidationError(
+                f"agent_amount_usd must be more than 0.00 and less than the {format_usd(held)} held.",
+                {"fields": {"agent_amount_usd": ["Out of range."]}})
+        buyer_part = params.get("buyer_amount_cents")
+        if buyer_part is not None and buyer_part + agent_part != held:
+            raise errors.ValidationError(
+                f"The parts must add up to the {format_usd(held)} held.",
+                {"fields": {"buyer_amount_usd": ["agent part + buyer part must equal the amount held."]}})
+        order.settled_agent_cents, order.settled_buyer_cents = agent_part, held - agent_part
+    elif outcome == "release":
+        order.settled_agent_cents, order.settled_buyer_cents = held, 0
+    else:
+        order.settled_agent_cents, order.settled_buyer_cents = 0, held
+    params["note"] = f"{outcome}: {params['note']}"
+    return outcome
+
+
+EFFECTS = {"quote": _quote, "pay": _pay, "deliver": _deliver, "revision": _revision,
+           "dispute": _with_reason, "decline": _with_reason, "resolve": _resolve}
+
+
+def _settlement(order: Order, target: str, settings: Settings) -> dict:
+    """What money the event asks to move: the payout and/or the refund due."""
+    if target not in sm.TERMINAL or order.paid_at is None:
+        return {}
+    if order.settled_agent_cents is None:  # not resolved by an admin: all to one side
+        if target == "completed":
+            order.settled_agent_cents, order.settled_buyer_cents = order.quoted_price_cents, 0
+        else:
+            order.settled_agent_cents, order.settled_buyer_cents = 0, order.quoted_price_cents
+    out = {"held_usd": format_usd(order.quoted_price_cents)}
+    if order.settled_agent_cents:
+        fee = fee_cents(order.settled_agent_cents, settings.platform_fee_bps)
+        out["payout_due"] = {"agent_id": order.agent_id, "gross_usd": format_usd(order.settled_agent_cents),
+                             "fee_usd": format_usd(fee), "amount_usd": format_usd(order.settled_agent_cents - fee)}
+    if order.settled_buyer_cents:
+        out["refund_due"] = {"wallet": order.client_wallet, "chain": order.client_chain,
+                             "amount_usd": format_usd(order.settled_buyer_cents)}
+    return out
+
+
+def _timeline(order: Order, action: str, source: str | None, target: str, caller: Caller, now, note) -> None:
+    order.timeline.append(TimelineEntry(order_id=order.id, number=len(order.timeline) + 1, action=action,
+                                        from_status=source, to_status=target, actor_type=caller.kind,
+                                        actor_id=caller.id if caller.kind != "admin" else "admin",
+                                        note=note, at=now))
+
+
+def _set_timer(session: Session, order: Order, kind: str, due_at: dt.datetime) -> None:
+    session.add(Timer(order_id=order.id, kind=kind, due_at=due_at))
+
+
+def _emit(session: Session, rt: Runtime, order: Order, event: str, data: dict) -> None:
+    order.event_sequence += 1
+    rt.outbox.record(session, event, {"order_id": order.id, "agent_id": order.agent_id,
+                                      "client_wallet": order.client_wallet, "status": order.status, **data},
+                     order_id=order.id, sequence=order.event_sequence)
+
+
+# --- reviews and reputation -------------------------------------------------------------------
+
+def add_review(session: Session, order: Order, caller: Caller, data: dict) -> Review:
+    if party_of(order, caller) != "buyer":
+        raise errors.Forbidden("Only the buyer can review this order.")
+    if order.status != "completed":
+        raise errors.InvalidTransition("Only a completed order can be reviewed.", {"status": order.status})
+    if order.review is not None:
+        raise errors.ReviewExists()
+    review = Review(id=new_id("review"), order_id=order.id, agent_id=order.agent_id,
+                    client_wallet=order.client_wallet, rating=data["rating"], comment=data.get("comment"),
+                    created_at=utcnow())
+    session.add(review)
+    order.review = review
+    agent = session.get(Agent, order.agent_id)
+    agent.review_count = Agent.review_count + 1
+    agent.rating_sum = Agent.rating_sum + data["rating"]
+    column = f"rating_{data['rating']}"
+    setattr(agent, column, getattr(Agent, column) + 1)
+    return review
+
+
+# --- timers ----------------------------------------------------------------------------------
+
+def due_timer_ids(session: Session, now: dt.datetime, limit: int = 500) -> list[int]:
+    return list(session.scalars(select(Timer.id).where(Timer.fired_at.is_(None), Timer.due_at <= now)
+                                .order_by(Timer.due_at).limit(limit)))
+
+
+def fire_timer(session: Session, rt: Runtime, timer_id: int, is_postgres: bool, now: dt.datetime) -> str | None:
+    """Claim one due timer and take its system action if the order still qualifies."""
+    query = select(Timer).where(Timer.id == timer_id, Timer.fired_at.is_(None))
+    if is_postgres:
+        query = query.with_for_update(skip_locked=True)  # another sweeper has it: leave it
+    timer = session.scalar(query)
+    if timer is None:
+        return None
+    timer.fired_at = now
+    order = session.scalar(select(Order).where(Order.id == timer.order_id).with_for_update())
+    try:
+        act(session, rt, order, timer.kind, Caller("system", "timer"), {}, now=now)
+    except errors.DomainError:
+        return None  # the order moved on (approved, paid, redelivered): nothing to do
+    return order.status

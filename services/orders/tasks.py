@@ -1,0 +1,64 @@
+"""The orders service's own background work: the outbox relay sweep and the timer sweep."""
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+from shared.celery_app import make_celery
+from shared.db import Database, utcnow
+from shared.outbox import Outbox
+from shared.settings import load
+
+from . import services
+from .models import OutboxEvent
+from .payments import make_verifier
+
+log = logging.getLogger(__name__)
+settings = load()
+app = make_celery("orders", settings)
+app.conf.beat_schedule = {
+    "relay-outbox": {"task": "orders.relay_outbox", "schedule": settings.outbox_sweep_seconds},
+    "fire-due-timers": {"task": "orders.fire_due_timers", "schedule": settings.timer_sweep_seconds},
+}
+
+
+@lru_cache(maxsize=1)
+def runtime() -> tuple[Database, services.Runtime]:
+    db = Database(settings.orders_db)
+    return db, services.Runtime(settings, Outbox(OutboxEvent, app, db), make_verifier(settings))
+
+
+@app.task(name="orders.relay_outbox", acks_late=True)
+def relay_outbox() -> int:
+    db, rt = runtime()
+    published = 0
+    while True:  # drain in batches so one sweep clears a backlog
+        count = rt.outbox.relay(limit=200)
+        published += count
+        if count < 200:
+            break
+    if published:
+        log.info("outbox relayed %d events", published)
+    return published
+
+
+@app.task(name="orders.fire_due_timers", acks_late=True)
+def fire_due_timers() -> int:
+    db, rt = runtime()
+    return sweep_timers(db, rt)
+
+
+def sweep_timers(db: Database, rt: services.Runtime, now=None) -> int:
+    """Fire every due timer, each in its own transaction so one bad order cannot block the rest."""
+    now = now or utcnow()
+    with db.transaction() as session:
+        ids = services.due_timer_ids(session, now)
+    fired = 0
+    for timer_id in ids:
+        try:
+            with db.transaction() as session:
+                if services.fire_timer(session, rt, timer_id, db.is_postgres, now) is not None:
+                    fired += 1
+        except Exception:
+            log.exception("timer %s failed; it stays due and the next sweep retries it", timer_id)
+    return fired

@@ -1,0 +1,352 @@
+"""The orders service's HTTP API (DESIGN.md §4). Views parse, authorize and present; the
+domain work is in services.py."""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import secrets
+
+from flask import Blueprint as FlaskBlueprint, current_app, g, request
+from flask_smorest import Blueprint
+
+from shared import errors
+from shared.auth import Caller, require_service, sign_session
+from shared.db import isoformat, utcnow
+from shared.ids import looks_like
+from shared.money import format_usd
+from shared.web import ok, page
+
+from . import present, services
+from . import schemas as s
+from .models import Agent, Order, Service
+from .payments import ASSET, record_sandbox_transfer
+from .wallets import verify_signature
+
+auth_bp = Blueprint("auth", __name__, url_prefix="/api/auth", description="Buyer wallet login")
+agents_bp = Blueprint("agents", __name__, url_prefix="/api/agents", description="Agents")
+services_bp = Blueprint("services", __name__, url_prefix="/api/services", description="Agents' services")
+orders_bp = Blueprint("orders", __name__, url_prefix="/api/orders", description="Orders")
+admin_bp = Blueprint("admin", __name__, url_prefix="/api/admin", description="Admin")
+sandbox_bp = Blueprint("sandbox", __name__, url_prefix="/api/sandbox", description="Sandbox payments")
+internal = FlaskBlueprint("internal", __name__, url_prefix="/internal")
+
+
+def blueprints():
+    return (auth_bp, agents_bp, services_bp, orders_bp, admin_bp, sandbox_bp)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def _db():
+    return current_app.extensions["db"].session()
+
+
+def _rt() -> services.Runtime:
+    return current_app.extensions["orders_runtime"]
+
+
+def _caller() -> Caller:
+    return g.caller
+
+
+def _require(*kinds: str) -> Caller:
+    caller = _caller()
+    if caller.kind == "anonymous":
+        raise errors.Unauthenticated()
+    if caller.kind not in kinds:
+        raise errors.Forbidden(f"Only {' or '.join(kinds)}s can do this.")
+    return caller
+
+
+def _encode_cursor(created_at: dt.datetime, id_: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([isoformat(created_at), id_]).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None):
+    if not cursor:
+        return None
+    try:
+        at, id_ = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return dt.datetime.fromisoformat(at.replace("Z", "+00:00")), str(id_)
+    except (ValueError, TypeError):
+        raise errors.ValidationError("Invalid cursor.", {"fields": {"cursor": ["Invalid cursor."]}}) from None
+
+
+def _order_for(order_id: str, caller: Caller, for_update: bool = False) -> Order:
+    if not looks_like("order", order_id):
+        raise errors.NotFound("No such order.")
+    return services.get_order(_db(), order_id, caller, for_update=for_update)
+
+
+def _act(order_id: str, action: str, params: dict, kinds: tuple[str, ...]):
+    caller = _require(*kinds)
+    order = _order_for(order_id, caller, for_update=True)
+    services.act(_db(), _rt(), order, action, caller, params)
+    return ok(present.order(order, caller))
+
+
+def _orders_page(rows, last, caller):
+    cursor = _encode_cursor(last.created_at, last.id) if last is not None else None
+    return ok(page([present.order(o, caller) for o in rows], cursor))
+
+
+# --- auth --------------------------------------------------------------------------------------
+
+def _nonce_key(nonce: str) -> str:
+    return f"auth:nonce:{nonce}"
+
+
+@auth_bp.route("/challenge", methods=["POST"])
+@auth_bp.arguments(s.ChallengeIn)
+@auth_bp.response(201, s.envelope_of(s.ChallengeOut))
+def challenge(data):
+    settings = _rt().settings
+    nonce = secrets.token_hex(16)
+    now = utcnow()
+    expires = now + dt.timedelta(seconds=settings.nonce_ttl_seconds)
+    message = (f"Order desk wants you to sign in with your {data['chain']} wallet:\n{data['wallet']}\n\n"
+               f"Nonce: {nonce}\nIssued At: {isoformat(now)}\nExpiration Time: {isoformat(expires)}")
+    current_app.extensions["redis"].set(_nonce_key(nonce), json.dumps({**data, "message": message}),
+                                        ex=settings.nonce_ttl_seconds)
+    return ok({"nonce": nonce, "message": message, "expires_at": isoformat(expires)}, 201)
+
+
+@auth_bp.route("/session", methods=["POST"])
+@auth_bp.arguments(s.SessionIn)
+@auth_bp.response(201, s.envelope_of(s.SessionOut))
+def session(data):
+    settings = _rt().settings
+    # GETDEL: a nonce works once, whatever the outcome
+    stored = current_app.extensions["redis"].getdel(_nonce_key(data["nonce"]))
+    if stored is None:
+        raise errors.Unauthenticated("Unknown, used or expired nonce; ask for a new challenge.")
+    challenge_data = json.loads(stored)
+    if (challenge_data["wallet"], challenge_data["chain"]) != (data["wallet"], data["chain"]):
+        raise errors.Unauthenticated("This nonce was issued to another wallet.")
+    if not verify_signature(data["chain"], data["wallet"], challenge_data["message"], data["signature"]):
+        raise errors.Unauthenticated("The signature does not match the wallet and message.")
+    token, expires = sign_session(settings.session_secret, data["wallet"], data["chain"],
+                                  settings.session_ttl_seconds)
+    return ok({"token": token, "expires_at": isoformat(dt.datetime.fromtimestamp(expires, dt.timezone.utc))}, 201)
+
+
+# --- agents ------------------------------------------------------------------------------------
+
+@agents_bp.route("", methods=["POST"])
+@agents_bp.arguments(s.AgentIn)
+@agents_bp.response(201, s.envelope_of(s.AgentCreatedOut))
+def register_agent(data):
+    agent, api_key, secret = services.register_agent(_db(), data)
+    _db().flush()
+    body = {"agent": present.agent(agent, private=True), "api_key": api_key}
+    if secret:
+        body["webhook_secret"] = secret
+    return ok(body, 201)
+
+
+@agents_bp.route("/me", methods=["PATCH"])
+@agents_bp.arguments(s.AgentPatchIn)
+@agents_bp.response(200, s.envelope_of(s.AgentOut))
+def update_me(data):
+    caller = _require("agent")
+    agent = _db().get(Agent, caller.id)
+    secret = services.update_agent(_db(), agent, data)
+    _db().flush()
+    body = present.agent(agent, private=True)
+    if secret:
+        body["webhook_secret"] = secret
+    return ok(body)
+
+
+@agents_bp.route("/me", methods=["GET"])
+@agents_bp.response(200, s.envelope_of(s.AgentOut))
+def get_me():
+    caller = _require("agent")
+    return ok(present.agent(_db().get(Agent, caller.id), private=True))
+
+
+@agents_bp.route("/<agent_id>", methods=["GET"])
+@agents_bp.response(200, s.envelope_of(s.AgentOut))
+def get_agent(agent_id):
+    agent = _db().get(Agent, agent_id) if looks_like("agent", agent_id) else None
+    if agent is None:
+        raise errors.NotFound("No such agent.")
+    caller = _caller()
+    return ok(present.agent(agent, private=caller.kind == "agent" and caller.id == agent.id))
+
+
+@agents_bp.route("/<agent_id>/orders", methods=["GET"])
+@agents_bp.arguments(s.OrderListQuery, location="query")
+@agents_bp.response(200, s.envelope_of(s.OrderOut, many_page=True))
+def agent_orders(query, agent_id):
+    caller = _require("agent", "admin")
+    if caller.kind == "agent" and caller.id != agent_id:
+        raise errors.NotFound("No such agent.")
+    rows, last = services.list_orders(_db(), agent_id=agent_id, statuses=query.get("status"),
+                                      cursor=_decode_cursor(query.get("cursor")), limit=query["limit"])
+    return _orders_page(rows, last, caller)
+
+
+# --- services ----------------------------------------------------------------------------------
+
+@services_bp.route("", methods=["POST"])
+@services_bp.arguments(s.ServiceIn)
+@services_bp.response(201, s.envelope_of(s.ServiceOut))
+def create_service(data):
+    caller = _require("agent")
+    service = services.create_service(_db(), _rt(), _db().get(Agent, caller.id), data)
+    return ok(present.service(service), 201)
+
+
+@services_bp.route("", methods=["GET"])
+@services_bp.arguments(s.ServiceQuery, location="query")
+@services_bp.response(200, s.envelope_of(s.ServiceOut, many_page=True))
+def list_services(query):
+    from sqlalchemy import select, tuple_
+    stmt = select(Service).where(Service.active.is_(True))
+    if query.get("agent_id"):
+        stmt = stmt.where(Service.agent_id == query["agent_id"])
+    cursor = _decode_cursor(query.get("cursor"))
+    if cursor:
+        stmt = stmt.where(tuple_(Service.created_at, Service.id) < tuple_(*cursor))
+    rows = _db().scalars(stmt.order_by(Service.created_at.desc(), Service.id.desc())
+                         .limit(query["limit"] + 1)).all()
+    more = len(rows) > query["limit"]
+    rows = rows[:query["limit"]]
+    return ok(page([present.service(r) for r in rows],
+                   _encode_cursor(rows[-1].created_at, rows[-1].id) if more else None))
+
+
+@services_bp.route("/<service_id>", methods=["GET"])
+@services_bp.response(200, s.envelope_of(s.ServiceOut))
+def get_service(service_id):
+    service = _db().get(Service, service_id) if looks_like("service", service_id) else None
+    if service is None:
+        raise errors.NotFound("No such service.")
+    return ok(present.service(service))
+
+
+# --- orders ------------------------------------------------------------------------------------
+
+@orders_bp.route("", methods=["POST"])
+@orders_bp.arguments(s.OrderIn)
+@orders_bp.response(201, s.envelope_of(s.OrderOut))
+def create_order(data):
+    caller = _require("buyer")
+    if not looks_like("service", data["service_id"]):
+        raise errors.NotFound("No such service.")
+    order = services.place_order(_db(), _rt(), caller, data)
+    return ok(present.order(order, caller), 201)
+
+
+@orders_bp.route("", methods=["GET"])
+@orders_bp.arguments(s.OrderListQuery, location="query")
+@orders_bp.response(200, s.envelope_of(s.OrderOut, many_page=True))
+def list_my_orders(query):
+    caller = _require("buyer")
+    rows, last = services.list_orders(_db(), client_wallet=caller.id, statuses=query.get("status"),
+                                      cursor=_decode_cursor(query.get("cursor")), limit=query["limit"])
+    return _orders_page(rows, last, caller)
+
+
+@orders_bp.route("/<order_id>", methods=["GET"])
+@orders_bp.response(200, s.envelope_of(s.OrderOut))
+def get_order(order_id):
+    caller = _require("buyer", "agent", "admin")
+    return ok(present.order(_order_for(order_id, caller), caller))
+
+
+@orders_bp.route("/<order_id>", methods=["PATCH"])
+@orders_bp.arguments(s.OrderPatchIn)
+@orders_bp.response(200, s.envelope_of(s.OrderOut))
+def patch_order(data, order_id):
+    action = data.pop("action")
+    return _act(order_id, action, data, ("buyer", "agent", "admin"))
+
+
+@orders_bp.route("/<order_id>/payment", methods=["GET"])
+@orders_bp.response(200, s.envelope_of(s.PaymentOut))
+def payment(order_id):
+    caller = _require("buyer", "agent", "admin")
+    order = _order_for(order_id, caller)
+    if services.party_of(order, caller) != "buyer":
+        raise errors.Forbidden("Only the buyer pays for this order.")
+    return ok(services.payment_instructions(order, _rt()))
+
+
+@orders_bp.route("/<order_id>/quote", methods=["POST"])
+@orders_bp.arguments(s.QuoteIn)
+@orders_bp.response(200, s.envelope_of(s.OrderOut))
+def quote(data, order_id):
+    return _act(order_id, "quote", data, ("buyer", "agent", "admin"))
+
+
+@orders_bp.route("/<order_id>/start", methods=["POST"])
+@orders_bp.response(200, s.envelope_of(s.OrderOut))
+def start(order_id):
+    return _act(order_id, "start", {}, ("buyer", "agent", "admin"))
+
+
+@orders_bp.route("/<order_id>/decline", methods=["POST"])
+@orders_bp.arguments(s.DeclineIn)
+@orders_bp.response(200, s.envelope_of(s.OrderOut))
+def decline(data, order_id):
+    return _act(order_id, "decline", data, ("buyer", "agent", "admin"))
+
+
+@orders_bp.route("/<order_id>/deliver", methods=["POST"])
+@orders_bp.arguments(s.DeliverIn)
+@orders_bp.response(200, s.envelope_of(s.OrderOut))
+def deliver(data, order_id):
+    uploads = [d["upload_id"] for d in data["deliverables"] if "upload_id" in d]
+    if uploads:
+        # file uploads are not offered yet, so no upload id can name one
+        raise errors.ValidationError("Unknown upload_id.", {"fields": {"deliverables": {"upload_id": uploads}}})
+    return _act(order_id, "deliver", data, ("buyer", "agent", "admin"))
+
+
+@orders_bp.route("/<order_id>/review", methods=["POST"])
+@orders_bp.arguments(s.ReviewIn)
+@orders_bp.response(201, s.envelope_of(s.ReviewOut))
+def review(data, order_id):
+    caller = _require("buyer", "agent", "admin")
+    order = _order_for(order_id, caller, for_update=True)
+    return ok(present.review(services.add_review(_db(), order, caller, data)), 201)
+
+
+# --- admin, sandbox ----------------------------------------------------------------------------
+
+@admin_bp.route("/orders/<order_id>/resolve", methods=["POST"])
+@admin_bp.arguments(s.ResolveIn)
+@admin_bp.response(200, s.envelope_of(s.OrderOut))
+def resolve(data, order_id):
+    return _act(order_id, "resolve", data, ("admin",))
+
+
+@sandbox_bp.route("/transfers", methods=["POST"])
+@sandbox_bp.arguments(s.SandboxTransferIn)
+@sandbox_bp.response(201, s.envelope_of(s.TransferOut))
+def sandbox_transfer(data):
+    if _rt().settings.payment_verifier != "sandbox":
+        raise errors.NotFound()
+    transfer = record_sandbox_transfer(_db(), data["from_wallet"], data["to"], data["amount_cents"],
+                                       data["asset"], data["chain"])
+    return ok({"tx_hash": transfer.tx_hash, "amount_usd": format_usd(transfer.amount_cents),
+               "asset": transfer.asset, "chain": transfer.chain}, 201)
+
+
+# --- internal (service credential; never routed by the gateway) --------------------------------
+
+@internal.before_request
+def _service_only():
+    require_service(_rt().settings.service_token)
+
+
+@internal.get("/orders/<order_id>")
+def internal_order(order_id):
+    order = _db().get(Order, order_id) if looks_like("order", order_id) else None
+    if order is None:
+        raise errors.NotFound("No such order.")
+    return ok({"id": order.id, "status": order.status, "client_wallet": order.client_wallet,
+               "agent_id": order.agent_id, "paid": order.paid_at is not None})

@@ -1,0 +1,8 @@
+"""Celery entry point: `celery -A services.orders.worker worker -Q default` and `... beat`."""
+from shared import logs
+
+from .tasks import app, settings
+
+logs.configure("orders-worker", settings.log_level)
+
+__all__ = ["app"]

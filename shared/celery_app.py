@@ -1,0 +1,49 @@
+"""The Celery app factory every worker uses: JSON only, late acks, no results, named queues."""
+from __future__ import annotations
+
+from celery import Celery, signals
+from kombu import Queue
+
+from shared import events, logs
+from shared.settings import Settings
+
+
+def make_celery(name: str, settings: Settings, include: tuple[str, ...] = ()) -> Celery:
+    app = Celery(name, broker=settings.redis_url, include=list(include))
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,  # a killed worker's task goes back to the queue
+        worker_prefetch_multiplier=1,
+        task_default_queue="default",
+        task_queues=[Queue(q) for q in events.QUEUES],
+        # redis redelivers unacked messages after this; longer than any task may run
+        broker_transport_options={"visibility_timeout": 3600},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        timezone="UTC",
+        enable_utc=True,
+    )
+    return app
+
+
+@signals.before_task_publish.connect
+def _carry_request_id(headers=None, **_):
+    # the request id follows a request into the tasks it causes
+    if headers is not None and not headers.get("request_id") and logs.request_id.get():
+        headers["request_id"] = logs.request_id.get()
+
+
+@signals.task_prerun.connect
+def _bind_task_context(task_id=None, task=None, **_):
+    logs.task_id.set(task_id)
+    logs.request_id.set(getattr(task.request, "request_id", None) or logs.new_request_id())
+
+
+@signals.setup_logging.connect
+def _json_logging(**_):
+    # keep our JSON handler; celery would otherwise install its own
+    pass

@@ -1,0 +1,35 @@
+"""Who consumes which event: the one routing table the outbox relay reads.
+
+A consumer is a Celery task (by name) on its own queue. Consumers may not be running yet
+(their issue has not landed): their messages wait in the queue meanwhile.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+QUEUES = ("default", "media", "payouts", "workspaces", "webhooks")
+
+ORDER_EVENTS = frozenset({
+    "order.created", "order.quoted", "order.accepted", "order.paid", "order.started",
+    "order.delivered", "order.revision_requested", "order.disputed", "order.completed",
+    "order.cancelled",
+})
+
+
+@dataclass(frozen=True)
+class Subscription:
+    task: str
+    queue: str
+    events: frozenset
+
+
+SUBSCRIPTIONS = (
+    # money moves on completion (payout) and on cancellation of a paid order (refund)
+    Subscription("payouts.settle_order", "payouts", frozenset({"order.completed", "order.cancelled"})),
+    # agents hear about every order event
+    Subscription("webhooks.deliver_event", "webhooks", ORDER_EVENTS),
+)
+
+
+def consumers(event: str) -> list[Subscription]:
+    return [s for s in SUBSCRIPTIONS if event in s.events]

@@ -1,0 +1,17 @@
+"""Prefixed random ids: `ord_3kT9...`. The prefix says what the id names."""
+import secrets
+import string
+
+_ALPHABET = string.ascii_letters + string.digits
+PREFIXES = {"agent": "agt", "service": "svc", "order": "ord", "delivery": "dlv", "item": "itm",
+            "message": "msg", "review": "rev", "generation": "gen", "payout": "pay", "event": "evt"}
+
+
+def new_id(kind: str) -> str:
+    return f"{PREFIXES[kind]}_" + "".join(secrets.choice(_ALPHABET) for _ in range(20))
+
+
+def looks_like(kind: str, value: str) -> bool:
+    prefix = PREFIXES[kind] + "_"
+    return (isinstance(value, str) and value.startswith(prefix) and len(value) == len(prefix) + 20
+            and all(c in _ALPHABET for c in value[len(prefix):]))

@@ -1,0 +1,88 @@
+"""Environment → typed settings, with the embedded defaults. The one place settings are named."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VAR = ROOT / "var"
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() not in ("0", "off", "false", "no", "")
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Storage and broker. Empty database URLs fall back to SQLite files under var/.
+    database_url: str = ""
+    orders_database_url: str = ""
+    messaging_database_url: str = ""
+    redis_url: str = "redis://127.0.0.1:6390/0"
+    # Service-to-service.
+    orders_url: str = "http://127.0.0.1:5001"
+    messaging_url: str = "http://127.0.0.1:5002"
+    service_token: str = "dev-service-token-change-me"
+    # Auth.
+    admin_api_keys: tuple[str, ...] = ("dev-admin-key-change-me",)
+    session_secret: str = "dev-session-secret-change-me"
+    session_ttl_seconds: int = 24 * 3600
+    nonce_ttl_seconds: int = 300
+    # Rate limits (per caller, per minute window).
+    rate_limits: bool = True
+    rate_limit_per_minute: int = 300
+    rate_limit_anonymous_per_minute: int = 60
+    # Payments.
+    payment_verifier: str = "sandbox"
+    treasury_solana: str = "TreasurySo1ana11111111111111111111111111111"
+    treasury_base: str = "0x000000000000000000000000000000000000dead"
+    platform_fee_bps: int = 1000
+    # Durations (seconds) of the order timers.
+    review_window_seconds: int = 48 * 3600
+    quote_expiry_seconds: int = 7 * 24 * 3600
+    default_turnaround_hours: int = 48
+    # Beat sweep periods (seconds).
+    outbox_sweep_seconds: float = 5.0
+    timer_sweep_seconds: float = 30.0
+    # Logging.
+    log_level: str = "INFO"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def orders_db(self) -> str:
+        return self.orders_database_url or self.database_url or f"sqlite:///{VAR / 'orders.db'}"
+
+    @property
+    def messaging_db(self) -> str:
+        return self.messaging_database_url or self.database_url or f"sqlite:///{VAR / 'messaging.db'}"
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+_CONVERTERS = {int: int, float: float, bool: _bool, str: str, tuple: _csv}
+
+
+def load(env: dict | None = None, **overrides) -> Settings:
+    """Read every field from the environment variable of the same name in upper case."""
+    env = os.environ if env is None else env
+    values = {}
+    for f in dataclasses.fields(Settings):
+        if f.name == "extra":
+            continue
+        raw = env.get(f.name.upper())
+        if raw is None:
+            continue
+        kind = type(f.default)  # the default's type says how to parse the variable
+        try:
+            values[f.name] = _CONVERTERS[kind](raw)
+        except ValueError as exc:
+            raise ValueError(f"setting {f.name.upper()}={raw!r} is not a valid {kind}") from exc
+    values.update(overrides)
+    return Settings(**values)

@@ -1,0 +1,76 @@
+"""What every Flask service shares at the HTTP edge: envelope, request ids, logs, health."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from shared import errors, logs
+from shared.settings import Settings
+
+access_log = logging.getLogger("access")
+
+
+def ok(data, status: int = 200, headers: dict | None = None) -> Response:
+    response = jsonify({"success": True, "data": data})
+    response.status_code = status
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+def page(items: list, next_cursor: str | None, **extra) -> dict:
+    return {"items": items, "next_cursor": next_cursor, **extra}
+
+
+def create_base_app(name: str, settings: Settings, readiness: Callable[[], dict[str, bool]]) -> Flask:
+    logs.configure(name, settings.log_level)
+    app = Flask(name)
+    app.config["SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = 1 * 1024 * 1024  # JSON bodies; uploads have their own limit
+    app.json.sort_keys = False
+    # one trusted proxy in front: the gateway
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1)
+    errors.register_error_handlers(app)
+
+    @app.before_request
+    def _bind_request():
+        g.started = time.perf_counter()
+        rid = logs.clean_request_id(request.headers.get(logs.REQUEST_ID_HEADER))
+        logs.request_id.set(rid)
+        logs.order_id.set(None)
+        g.request_id = rid
+        if request.method in ("POST", "PATCH", "PUT") and request.content_length and not request.is_json \
+                and request.mimetype != "multipart/form-data":
+            raise errors.UnsupportedMediaType()
+
+    @app.after_request
+    def _finish(response: Response):
+        response.headers[logs.REQUEST_ID_HEADER] = g.get("request_id", "")
+        if request.path not in ("/healthz", "/readyz"):
+            access_log.info("%s %s %s", request.method, request.path, response.status_code,
+                            extra={"method": request.method, "path": request.path,
+                                   "status": response.status_code,
+                                   "duration_ms": round((time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 2)})
+        return response
+
+    @app.get("/healthz")
+    def healthz():
+        return ok({"status": "ok", "service": name})
+
+    @app.get("/readyz")
+    def readyz():
+        checks = {}
+        for check, fn in readiness().items():
+            try:
+                checks[check] = bool(fn())
+            except Exception:
+                checks[check] = False
+        if all(checks.values()):
+            return ok({"status": "ready", "checks": checks})
+        return errors.error_response(503, "Not ready.", "not_ready", {"checks": checks})
+
+    return app

