@@ -21,7 +21,10 @@ def make_celery(name: str, settings: Settings, include: tuple[str, ...] = ()) ->
         task_default_queue="default",
         task_queues=[Queue(q) for q in events.QUEUES],
         # redis redelivers unacked messages after this; longer than any task may run
-        broker_transport_options={"visibility_timeout": 3600},
+        broker_transport_options={"visibility_timeout": 3600, "socket_timeout": 5, "socket_connect_timeout": 2},
+        # a publisher gives up quickly: the outbox row stays unpublished and the sweep retries it
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
+                                   "interval_max": 0.5},
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         timezone="UTC",

@@ -1,0 +1,94 @@
+"""Events commit with the state change, reach their consumers' queues, and never escape a rollback."""
+import base64
+import json
+
+import pytest
+import redis
+from sqlalchemy import select
+
+from services.orders.models import OutboxEvent
+from shared.celery_app import make_celery
+from shared.outbox import Outbox
+
+
+def _queued(redis_url, queue):
+    """Messages waiting in a Celery queue on Redis (kombu keeps each queue as a list)."""
+    client = redis.Redis.from_url(redis_url)
+    return [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
+
+
+def _events(db, order_id):
+    with db.transaction() as session:
+        return session.scalars(select(OutboxEvent).where(OutboxEvent.order_id == order_id)
+                               .order_by(OutboxEvent.sequence)).all()
+
+
+def test_completion_event_reaches_the_payouts_queue_with_the_payout_due(api, db, redis_url):
+    agent, buyer, order = api.order_in("delivered")
+    api.ok("PATCH", f"/api/orders/{order['id']}", buyer, json={"action": "approve"})
+    events = _events(db, order["id"])
+    assert [e.event for e in events] == ["order.created", "order.paid", "order.delivered", "order.completed"]
+    assert [e.sequence for e in events] == [1, 2, 3, 4]
+    assert all(e.published_at is not None for e in events)  # relayed right after commit
+
+    payouts = [m for m in _queued(redis_url, "payouts") if m["headers"]["task"] == "payouts.settle_order"]
+    assert len(payouts) == 1
+    body = json.loads(base64.b64decode(payouts[0]["body"]))
+    event = body[0][0]
+    assert event["event"] == "order.completed" and event["order_id"] == order["id"]
+    assert event["data"]["payout_due"] == {"agent_id": agent.id, "gross_usd": "45.00", "fee_usd": "4.50",
+                                           "amount_usd": "40.50"}
+    # every order event is also queued for the agent's webhooks
+    assert len([m for m in _queued(redis_url, "webhooks")]) == 4
+
+
+def test_cancelling_a_paid_order_asks_for_the_refund(api, db):
+    agent, buyer, order = api.order_in("paid")
+    api.ok("PATCH", f"/api/orders/{order['id']}", buyer, json={"action": "cancel"})
+    cancelled = _events(db, order["id"])[-1]
+    assert cancelled.event == "order.cancelled"
+    assert cancelled.data["refund_due"] == {"wallet": buyer.id, "chain": "solana", "amount_usd": "45.00"}
+    assert "payout_due" not in cancelled.data
+
+
+def test_cancelling_an_unpaid_order_moves_no_money(api, db):
+    agent, buyer, order = api.order_in("quoted")
+    api.ok("PATCH", f"/api/orders/{order['id']}", buyer, json={"action": "cancel"})
+    cancelled = _events(db, order["id"])[-1]
+    assert "refund_due" not in cancelled.data and "payout_due" not in cancelled.data
+
+
+def test_a_refused_request_writes_no_event(api, db, redis_url):
+    agent, buyer, order = api.order_in("quoted")
+    before = len(_events(db, order["id"]))
+    status, body = api.patch(f"/api/orders/{order['id']}", buyer, json={"action": "approve"})
+    assert status == 409
+    assert len(_events(db, order["id"])) == before
+
+
+def test_a_rolled_back_transaction_publishes_nothing(app, db, redis_url):
+    outbox = app.extensions["orders_runtime"].outbox
+    queued_before = len(_queued(redis_url, "payouts"))
+    with pytest.raises(RuntimeError):
+        with db.transaction() as session:
+            outbox.record(session, "order.completed", {"x": 1}, order_id=None)
+            raise RuntimeError("the change fails after the event was written")
+    with db.transaction() as session:
+        assert session.scalars(select(OutboxEvent)).all() == []
+    assert len(_queued(redis_url, "payouts")) == queued_before
+
+
+def test_events_survive_a_broker_outage_and_the_sweep_publishes_them(app, db, redis_url, settings):
+    dead = make_celery("dead", settings.replace(redis_url="redis://127.0.0.1:1/0"))
+    offline = Outbox(OutboxEvent, dead, db)
+    with db.transaction() as session:
+        offline.record(session, "order.completed", {"payout_due": {"amount_usd": "1.00"}}, order_id=None)
+    with db.transaction() as session:
+        row = session.scalars(select(OutboxEvent)).one()
+    assert row.published_at is None  # the after-commit publish failed; nothing lost
+
+    assert app.extensions["orders_runtime"].outbox.relay() == 1  # what the beat sweep runs
+    with db.transaction() as session:
+        assert session.get(OutboxEvent, row.id).published_at is not None
+    assert any(json.loads(base64.b64decode(m["body"]))[0][0]["id"] == row.id
+               for m in _queued(redis_url, "payouts"))
