@@ -25,6 +25,11 @@ class Settings:
     orders_database_url: str = ""
     messaging_database_url: str = ""
     redis_url: str = "redis://127.0.0.1:6390/0"
+    # Ports of the processes `make run` starts.
+    orders_port: int = 5001
+    messaging_port: int = 5002
+    gateway_port: int = 8080
+    embedded_redis_port: int = 6390
     # Service-to-service.
     orders_url: str = "http://127.0.0.1:5001"
     messaging_url: str = "http://127.0.0.1:5002"

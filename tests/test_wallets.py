@@ -1,5 +1,3 @@
-import sys
-from pathlib import Path
 
 import base58
 import pytest
@@ -8,7 +6,6 @@ from Crypto.Hash import keccak
 from hypothesis import given, settings, strategies as st
 
 # The repo has no pytest config yet, so put its root on the path for `services` and `tests.support`.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.orders.wallets import SECP256K1_N, normalize_wallet, verify_signature  # noqa: E402
 from tests.support.wallets import BaseWallet, SolanaWallet  # noqa: E402

@@ -7,7 +7,7 @@ live in services.py, keyed by action. Anything not in the table is refused.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from shared import errors

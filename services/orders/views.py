@@ -7,7 +7,7 @@ import datetime as dt
 import json
 import secrets
 
-from flask import Blueprint as FlaskBlueprint, current_app, g, request
+from flask import Blueprint as FlaskBlueprint, current_app, g
 from flask_smorest import Blueprint
 
 from shared import errors
@@ -20,7 +20,7 @@ from shared.web import ok, page
 from . import present, services
 from . import schemas as s
 from .models import Agent, Order, Service
-from .payments import ASSET, record_sandbox_transfer
+from .payments import record_sandbox_transfer
 from .wallets import verify_signature
 
 auth_bp = Blueprint("auth", __name__, url_prefix="/api/auth", description="Buyer wallet login")

@@ -1,6 +1,5 @@
 """Alembic environment for the orders service's own tables."""
 from alembic import context
-from sqlalchemy import pool
 
 from services.orders import models  # noqa: F401  (registers the tables)
 from shared.db import Base, make_engine

@@ -1,0 +1,54 @@
+"""The processes `make run` starts: one table, read by the runner and checked against docker-compose.yml."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from shared.settings import load
+
+CELERY_APP = "services.orders.worker"
+SETTINGS = load()
+GATEWAY_PORT = SETTINGS.gateway_port
+
+
+@dataclass(frozen=True)
+class Process:
+    name: str
+    argv: tuple[str, ...]
+    kind: str = "web"  # web | worker | beat | gateway
+    port: int | None = None
+
+    @property
+    def health_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.port}/healthz" if self.port else None
+
+
+def web(name: str, app: str, port: int, workers: int = 2, threads: int = 4, kind: str = "web") -> Process:
+    argv = (
+        sys.executable, "-m", "gunicorn", "--worker-class", "gthread",
+        "--workers", str(workers), "--threads", str(threads), "--bind", f"127.0.0.1:{port}", app,
+    )
+    return Process(name, argv, kind, port)
+
+
+def worker(queue: str, concurrency: int = 1) -> Process:
+    argv = (
+        sys.executable, "-m", "celery", "-A", CELERY_APP, "worker", "-Q", queue, "-n", f"{queue}@%h",
+        "--concurrency", str(concurrency), "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle",
+    )
+    return Process(f"worker-{queue}", argv, "worker")
+
+
+def beat() -> Process:
+    return Process("beat", (sys.executable, "-m", "celery", "-A", CELERY_APP, "beat",
+                            "--schedule", "var/celerybeat-schedule"), "beat")
+
+
+# Started in this order; the gateway last, so it comes up in front of ready services.
+PROCESSES: list[Process] = [
+    web("orders", "services.orders.wsgi:app", SETTINGS.orders_port),
+    web("messaging", "services.messaging.wsgi:app", SETTINGS.messaging_port),
+    worker("default"),
+    beat(),
+    web("gateway", "services.gateway.wsgi:app", GATEWAY_PORT, workers=1, threads=16, kind="gateway"),
+]

@@ -1,0 +1,219 @@
+"""End to end: the real processes of `make run` (gunicorn services, Celery worker and beat, the
+gateway), driven over HTTP through the gateway only."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+from sqlalchemy import create_engine, text
+
+from shared.db import normalize_url
+from tests.support.wallets import SolanaWallet
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stack():
+    tmp = tempfile.mkdtemp(prefix="orderdesk-e2e-")
+    database_url = os.environ.get("E2E_DATABASE_URL") or f"sqlite:///{tmp}/orders.db"
+    if database_url.startswith("postgres"):
+        engine = create_engine(normalize_url(database_url))
+        with engine.begin() as conn:
+            conn.execute(text("DROP SCHEMA public CASCADE"))
+            conn.execute(text("CREATE SCHEMA public"))
+        engine.dispose()
+    ports = {name: _free_port() for name in ("ORDERS_PORT", "MESSAGING_PORT", "GATEWAY_PORT",
+                                              "EMBEDDED_REDIS_PORT")}
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "ORDERS_URL",
+                                                            "MESSAGING_URL")}
+    env.update({k: str(v) for k, v in ports.items()})
+    env.update(DATABASE_URL=database_url, RATE_LIMITS="off", REVIEW_WINDOW_SECONDS="4",
+               TIMER_SWEEP_SECONDS="1", OUTBOX_SWEEP_SECONDS="1", LOG_LEVEL="INFO")
+    redis_url = os.environ.get("E2E_REDIS_URL")
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+        redis.Redis.from_url(redis_url).flushdb()
+    else:
+        redis_url = f"redis://127.0.0.1:{ports['EMBEDDED_REDIS_PORT']}/0"
+    runner = subprocess.Popen([sys.executable, "-m", "services.run"], cwd=ROOT, env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    base = f"http://127.0.0.1:{ports['GATEWAY_PORT']}"
+    output = []
+    deadline = time.monotonic() + 90
+    seed = None
+    # the runner prints the seed's JSON once every process is healthy
+    while time.monotonic() < deadline:
+        line = runner.stdout.readline()
+        if not line:
+            break
+        output.append(line)
+        if "Ctrl-C stops everything" in line:
+            text_out = "".join(output)
+            seed = json.loads(text_out[text_out.index("Demo data:") + len("Demo data:"):
+                                       text_out.index("Log in as a buyer")])
+            break
+    if seed is None:
+        runner.kill()
+        pytest.fail("the stack did not start:\n" + "".join(output) + (runner.stdout.read() or ""))
+    yield {"base": base, "seed": seed, "redis_url": redis_url, "runner": runner}
+    runner.send_signal(signal.SIGTERM)
+    try:
+        assert runner.wait(30) == 0, "Ctrl-C/SIGTERM should stop everything cleanly"
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+
+
+class Gateway:
+    def __init__(self, base):
+        self.base = base
+        self.http = requests.Session()
+
+    def call(self, method, path, token=None, expect=None, headers=None, **kw):
+        headers = dict(headers or {})
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        response = self.http.request(method, self.base + path, headers=headers, timeout=30, **kw)
+        body = response.json()
+        if expect is not None:
+            assert response.status_code == expect, (method, path, response.status_code, body)
+        return response.status_code, body
+
+    def ok(self, method, path, token=None, expect=200, **kw):
+        return self.call(method, path, token, expect=expect, **kw)[1]["data"]
+
+    def buyer(self):
+        wallet = SolanaWallet.generate()
+        challenge = self.ok("POST", "/api/auth/challenge", expect=201,
+                            json={"wallet": wallet.address, "chain": "solana"})
+        session = self.ok("POST", "/api/auth/session", expect=201, json={
+            "wallet": wallet.address, "chain": "solana", "nonce": challenge["nonce"],
+            "signature": wallet.sign(challenge["message"])})
+        return wallet.address, session["token"]
+
+    def pay(self, token, wallet, oid):
+        payment = self.ok("GET", f"/api/orders/{oid}/payment", token)
+        tx = self.ok("POST", "/api/sandbox/transfers", expect=201, json={
+            "from_wallet": wallet, "to": payment["destination"], "amount_usd": payment["amount_usd"],
+            "asset": payment["asset"], "chain": payment["chain"]})["tx_hash"]
+        return self.ok("PATCH", f"/api/orders/{oid}", token, json={"action": "pay", "escrow_tx_hash": tx})
+
+
+def _wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    return predicate()
+
+
+def test_a_quote_order_from_placement_to_review_through_the_gateway(stack):
+    gw = Gateway(stack["base"])
+    agent = gw.ok("POST", "/api/agents", expect=201, json={"name": "E2E Agent"})
+    agent_key, agent_id = agent["api_key"], agent["agent"]["id"]
+    service = gw.ok("POST", "/api/services", agent_key, expect=201, json={
+        "title": "Logo", "description": "A logo", "price_type": "quote"})
+    wallet, buyer = gw.buyer()
+    order = gw.ok("POST", "/api/orders", buyer, expect=201,
+                  json={"service_id": service["id"], "brief": "A logo for a bakery."})
+    oid = order["id"]
+    # messaging stays closed until payment (and the gateway routes the messages path to messaging)
+    status, body = gw.call("GET", f"/api/orders/{oid}/messages", buyer)
+    assert status in (409, 503) and body["success"] is False
+
+    assert gw.ok("POST", f"/api/orders/{oid}/quote", agent_key, json={"price_usd": "80.00"})["status"] == "quoted"
+    assert gw.pay(buyer, wallet, oid)["status"] == "paid"
+    polled = gw.ok("GET", f"/api/agents/{agent_id}/orders?status=paid,in_progress", agent_key)
+    assert [o["id"] for o in polled["items"]] == [oid]
+    gw.ok("POST", f"/api/orders/{oid}/start", agent_key)
+    gw.ok("POST", f"/api/orders/{oid}/deliver", agent_key,
+          json={"deliverable_url": "https://example.com/logo.svg", "deliverable_media_type": "document"})
+    done = gw.ok("PATCH", f"/api/orders/{oid}", buyer, json={"action": "approve"})
+    assert done["status"] == "completed"
+    assert [t["action"] for t in done["timeline"]] == ["create", "quote", "accept", "pay", "start", "deliver",
+                                                       "approve"]
+    gw.ok("POST", f"/api/orders/{oid}/review", buyer, expect=201, json={"rating": 5, "comment": "Great"})
+    profile = gw.ok("GET", f"/api/agents/{agent_id}")
+    assert (profile["avg_rating"], profile["completed_orders"], profile["review_count"]) == ("5.00", 1, 1)
+
+    # the completion reached the payouts queue through the outbox (web relay or the beat sweep)
+    client = redis.Redis.from_url(stack["redis_url"])
+
+    def queued_completion():
+        for raw in client.lrange("payouts", 0, -1):
+            message = json.loads(raw)
+            event = json.loads(base64.b64decode(message["body"]))[0][0]
+            if event["order_id"] == oid and event["event"] == "order.completed":
+                return event
+        return None
+    event = _wait_for(queued_completion)
+    assert event and event["data"]["payout_due"]["amount_usd"] == "72.00"
+
+
+def test_a_fixed_price_order_through_dispute_and_split(stack):
+    gw = Gateway(stack["base"])
+    seed = stack["seed"]
+    wallet, buyer = gw.buyer()
+    order = gw.ok("POST", "/api/orders", buyer, expect=201,
+                  json={"service_id": seed["services"]["fixed"], "brief": "A poster for a concert."})
+    oid = order["id"]
+    assert order["status"] == "quoted" and order["quoted_price_usd"] == "45.00"
+    gw.pay(buyer, wallet, oid)
+    gw.ok("POST", f"/api/orders/{oid}/deliver", seed["agent_api_key"],
+          json={"deliverables": [{"url": "https://example.com/poster.png", "media_type": "image"}]})
+    assert gw.ok("GET", f"/api/orders/{oid}", buyer)["deliveries"][0]["items"][0]["url"] is None
+    gw.ok("PATCH", f"/api/orders/{oid}", buyer, json={"action": "dispute", "reason": "Wrong band name."})
+    status, body = gw.call("POST", f"/api/admin/orders/{oid}/resolve", seed["admin_api_key"], json={
+        "outcome": "split", "agent_amount_usd": "30.00", "buyer_amount_usd": "16.00", "note": "Half fixed"})
+    assert (status, body["code"]) == (400, "validation_error")  # 30 + 16 is not the 45 held
+    resolved = gw.ok("POST", f"/api/admin/orders/{oid}/resolve", seed["admin_api_key"], json={
+        "outcome": "split", "agent_amount_usd": "30.00", "buyer_amount_usd": "15.00", "note": "Half fixed"})
+    assert resolved["status"] == "completed"
+    assert resolved["timeline"][-1]["action"] == "resolve" and "split" in resolved["timeline"][-1]["note"]
+
+
+def test_beat_and_the_worker_auto_complete_after_the_review_window(stack):
+    gw = Gateway(stack["base"])
+    seed = stack["seed"]
+    wallet, buyer = gw.buyer()
+    oid = gw.ok("POST", "/api/orders", buyer, expect=201,
+                json={"service_id": seed["services"]["fixed"], "brief": "Another poster please."})["id"]
+    gw.pay(buyer, wallet, oid)
+    gw.ok("POST", f"/api/orders/{oid}/deliver", seed["agent_api_key"],
+          json={"deliverables": [{"url": "https://example.com/p.txt", "media_type": "text"}]})
+    # the review window is 4 s here; beat sweeps timers every second
+    final = _wait_for(lambda: (o := gw.ok("GET", f"/api/orders/{oid}", buyer))["status"] == "completed" and o,
+                      timeout=30)
+    assert final and final["timeline"][-1]["action"] == "auto_complete"
+    assert final["timeline"][-1]["actor_type"] == "system"
+
+
+def test_the_gateway_never_exposes_internal_routes(stack):
+    gw = Gateway(stack["base"])
+    for path in ("/internal/orders/ord_x", "/api/../internal/orders/ord_x", "/%69nternal/orders/x"):
+        status, body = gw.call("GET", path, headers={"X-Service-Token": "dev-service-token-change-me"})
+        assert status == 404 and body["success"] is False
+    doc = gw.http.get(stack["base"] + "/api/openapi.json", timeout=30).json()
+    assert "/api/orders/{order_id}" in doc["paths"] and "/api/orders/{order_id}/messages" in doc["paths"]
