@@ -26,7 +26,8 @@ def page(items: list, next_cursor: str | None, **extra) -> dict:
     return {"items": items, "next_cursor": next_cursor, **extra}
 
 
-def create_base_app(name: str, settings: Settings, readiness: Callable[[], dict[str, bool]]) -> Flask:
+def create_base_app(name: str, settings: Settings, readiness: dict[str, Callable[[], bool]]) -> Flask:
+    """`readiness` names the checks /readyz runs (each returns truthy when its dependency answers)."""
     logs.configure(name, settings.log_level)
     app = Flask(name)
     app.config["SETTINGS"] = settings
@@ -64,7 +65,7 @@ def create_base_app(name: str, settings: Settings, readiness: Callable[[], dict[
     @app.get("/readyz")
     def readyz():
         checks = {}
-        for check, fn in readiness().items():
+        for check, fn in readiness.items():
             try:
                 checks[check] = bool(fn())
             except Exception:

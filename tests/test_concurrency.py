@@ -81,3 +81,33 @@ def test_one_transaction_hash_pays_one_order_even_when_raced(app, api):
     assert {body["code"] for s, body in results if s != 200} <= {"payment_reused", "invalid_transition", "conflict"}
     paid = [api.ok("GET", f"/api/orders/{o['id']}", buyer)["escrow_tx_hash"] for o in (first, second)]
     assert paid.count(tx) == 1
+
+
+def test_two_sweepers_fire_each_due_timer_once(app, api, db):
+    import datetime as dt
+    from services.orders.tasks import sweep_timers
+    from shared.db import utcnow
+    orders = [api.order_in("delivered") for _ in range(6)]
+    runtime = app.extensions["orders_runtime"]
+    later = utcnow() + dt.timedelta(seconds=runtime.settings.review_window_seconds + 60)
+    fired = []
+    barrier = threading.Barrier(2)
+
+    def sweeper():
+        barrier.wait()
+        fired.append(sweep_timers(db, runtime, now=later))
+
+    threads = [threading.Thread(target=sweeper) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sum(fired) == 6
+    for agent, buyer, order in orders:
+        final = api.ok("GET", f"/api/orders/{order['id']}", buyer)
+        assert final["status"] == "completed"
+        assert [t["action"] for t in final["timeline"]].count("auto_complete") == 1
+    with db.transaction() as session:
+        completions = session.scalar(select(func.count()).select_from(OutboxEvent)
+                                     .where(OutboxEvent.event == "order.completed"))
+    assert completions == 6

@@ -92,3 +92,13 @@ def test_events_survive_a_broker_outage_and_the_sweep_publishes_them(app, db, re
         assert session.get(OutboxEvent, row.id).published_at is not None
     assert any(json.loads(base64.b64decode(m["body"]))[0][0]["id"] == row.id
                for m in _queued(redis_url, "payouts"))
+
+
+def test_the_request_id_follows_the_request_into_the_queued_tasks(api, redis_url):
+    agent, service, buyer = api.setup()
+    api.call("POST", "/api/orders", buyer, json={"service_id": service["id"], "brief": "A drawing of a fox."},
+             headers={"X-Request-ID": "req-fox-42"})
+    assert api.last.headers["X-Request-ID"] == "req-fox-42"
+    created = [m for m in _queued(redis_url, "webhooks")
+               if json.loads(base64.b64decode(m["body"]))[0][0]["event"] == "order.created"]
+    assert created and created[0]["headers"]["request_id"] == "req-fox-42"

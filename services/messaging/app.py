@@ -19,7 +19,7 @@ def messages(order_id):
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load()
-    app = create_base_app("messaging", settings, lambda: {})
+    app = create_base_app("messaging", settings, {})
     app.config.update(API_TITLE="Order desk — messaging", API_VERSION="1", OPENAPI_VERSION="3.0.3",
                       OPENAPI_URL_PREFIX="/api", OPENAPI_JSON_PATH="openapi.json")
     Api(app).register_blueprint(messages_bp)

@@ -34,10 +34,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     runtime = services.Runtime(settings, Outbox(OutboxEvent, make_celery("orders-web", settings), db),
                                make_verifier(settings))
 
-    app = create_base_app("orders", settings, lambda: {
-        "database": lambda: db.engine.connect().execute(text("SELECT 1")).close() is None,
-        "redis": cache.ping,
-    })
+    def database_answers() -> bool:
+        with db.engine.connect() as conn:
+            return conn.execute(text("SELECT 1")).scalar() == 1
+
+    app = create_base_app("orders", settings, {"database": database_answers, "redis": cache.ping})
     app.extensions.update(orders_runtime=runtime, redis=cache)
     db.init_app(app, on_commit_error=lambda exc: _commit_error(db, exc))
     _install_auth_and_limits(app, db, cache, settings)
