@@ -1,0 +1,534 @@
+"""API throughput of the orders service against a Flask hello-world baseline (`make bench`).
+
+Starts two gunicorn servers with identical settings (bench/hello.py and services.orders.wsgi:app)
+on a fresh PostgreSQL database and a Redis database, seeds orders through the HTTP API, then
+measures requests/s with a small keep-alive load generator in this process, in interleaved
+rounds, and prints medians and the ratios to the baseline against their targets.
+
+It reports, it does not gate: exit 0 whether or not a target is met, 1 if any request errored
+(a non-2xx answer or a broken connection), 2 if the setup failed.
+
+Settings (environment): BENCH_DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/
+orderdesk_bench; dropped and migrated fresh each run), BENCH_REDIS_URL (default
+redis://127.0.0.1:6379/15; flushed each run), LOG_LEVEL (the orders service's, default INFO).
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/orderdesk_bench"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
+# The one server configuration both apps get.
+GUNICORN = ("--workers", "2", "--worker-class", "gthread", "--threads", "4", "--log-level", "warning")
+TARGETS = {"get": 0.5, "approve": 0.25}  # orders figure ≥ this × its hello figure
+
+
+class SetupError(Exception):
+    pass
+
+
+# --- servers -------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One gunicorn master in its own session; stop() ends it and anything left in its group."""
+
+    def __init__(self, name: str, app: str, env: dict, logdir: Path, ready_path: str):
+        self.name, self.app, self.env, self.ready_path = name, app, env, ready_path
+        self.log = logdir / f"{name}.log"
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "gunicorn", *GUNICORN, "--bind", f"127.0.0.1:{self.port}",
+                "--chdir", str(ROOT), self.app]  # no --access-logfile: gunicorn's access log is off
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SetupError(f"{self.name} server exited with {self.proc.returncode}; see {self.log}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn.request("GET", self.ready_path)
+                status = conn.getresponse().status
+                conn.close()
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise SetupError(f"{self.name} server not ready after {timeout:.0f} s; see {self.log}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # graceful: the master stops its workers
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # the master's group is its own (new session): workers it failed to reap
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+# --- storage -------------------------------------------------------------------------------
+
+def fresh_database(url: str, env: dict) -> None:
+    """Drop and create the bench database, then build the schema with the migrations."""
+    import psycopg
+    from psycopg import sql
+
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    if not name or name in ("postgres", "template0", "template1"):
+        raise SetupError(f"BENCH_DATABASE_URL must name a database of its own, not {name!r}")
+    admin_url = urlunsplit((parts.scheme.split("+")[0], parts.netloc, "/postgres", parts.query, ""))
+    try:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except psycopg.Error as exc:
+        raise SetupError(f"cannot recreate database {name!r} at {parts.hostname}: {exc}") from exc
+    done = subprocess.run([sys.executable, "-m", "services.orders.cli", "migrate"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SetupError(f"migrate failed:\n{done.stdout}{done.stderr}")
+
+
+def vacuum_analyze(url: str) -> None:
+    import psycopg
+    parts = urlsplit(url)
+    with psycopg.connect(urlunsplit((parts.scheme.split("+")[0], *parts[1:])), autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+
+
+def flush_redis(url: str) -> None:
+    import redis
+    try:
+        redis.Redis.from_url(url, socket_timeout=5).flushdb()
+    except redis.RedisError as exc:
+        raise SetupError(f"cannot reach Redis at {url}: {exc}") from exc
+
+
+# --- seeding through the API -----------------------------------------------------------------
+
+class Api:
+    """JSON over one keep-alive http.client connection per thread."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.local = threading.local()
+
+    def call(self, method: str, path: str, token: str | None = None, body=None, expect=(200, 201)):
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = self.local.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        payload = None
+        if body is not None:
+            payload = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            conn.request(method, path, body=payload, headers=headers)
+            response = conn.getresponse()
+            raw = response.read()
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            self.local.conn = None
+            raise
+        if response.status not in expect:
+            raise SetupError(f"seeding: {method} {path} answered {response.status}: {raw[:300]!r}")
+        return json.loads(raw)["data"]
+
+
+class Seeder:
+    """An agent, a fixed-price service and a buyer session; then orders walked to `delivered`."""
+
+    def __init__(self, port: int):
+        from tests.support.wallets import SolanaWallet
+
+        self.api = api = Api(port)
+        self.agent = api.call("POST", "/api/agents", body={"name": "Bench Agent"})["api_key"]
+        self.service = api.call("POST", "/api/services", self.agent, body={
+            "title": "Poster", "description": "A poster.", "price_type": "fixed", "price_usd": "45.00"})
+        self.wallet = wallet = SolanaWallet.generate()
+        challenge = api.call("POST", "/api/auth/challenge", body={"wallet": wallet.address, "chain": "solana"})
+        self.buyer = api.call("POST", "/api/auth/session", body={
+            "wallet": wallet.address, "chain": "solana", "nonce": challenge["nonce"],
+            "signature": wallet.sign(challenge["message"])})["token"]
+        self.payment: dict = {}
+
+    def one(self, _i=None) -> str:
+        api, buyer = self.api, self.buyer
+        order = api.call("POST", "/api/orders", buyer, {"service_id": self.service["id"], "brief": "Bench order."})
+        oid = order["id"]
+        if not self.payment:  # the same for every order of this service and buyer
+            self.payment.update(api.call("GET", f"/api/orders/{oid}/payment", buyer))
+        pay = self.payment
+        tx = api.call("POST", "/api/sandbox/transfers", body={
+            "from_wallet": self.wallet.address, "to": pay["destination"], "amount_usd": pay["amount_usd"],
+            "asset": pay["asset"], "chain": pay["chain"]})["tx_hash"]
+        api.call("PATCH", f"/api/orders/{oid}", buyer, {"action": "pay", "escrow_tx_hash": tx})
+        order = api.call("POST", f"/api/orders/{oid}/deliver", self.agent, {
+            "deliverables": [{"url": "https://example.com/result", "media_type": "link"}]})
+        if order["status"] != "delivered":
+            raise SetupError(f"seeding: order {oid} is {order['status']}, not delivered")
+        return oid
+
+    def orders(self, n: int, threads: int = 4) -> list[str]:
+        log(f"seeding {n} delivered orders through the API ...")
+        ids: list[str] = []
+        if not self.payment and n:
+            ids.append(self.one())  # fills `payment` before the threads start
+        started = time.monotonic()
+        pool = ThreadPoolExecutor(threads)
+        try:
+            for oid in pool.map(self.one, range(n - len(ids))):
+                ids.append(oid)
+                if len(ids) % 250 == 0:
+                    log(f"  {len(ids)}/{n} ({len(ids) / (time.monotonic() - started):.1f} orders/s)")
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # on a failure, start no more orders
+        log(f"  seeded {n} in {time.monotonic() - started:.0f} s")
+        return ids
+
+
+# --- load generator --------------------------------------------------------------------------
+
+class Conn:
+    """A lean HTTP/1.1 keep-alive client: send prepared bytes, read one Content-Length response.
+    Cheaper per request than http.client, so the client takes less of the shared CPU."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.sock: socket.socket | None = None
+        self.buf = b""
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def request(self, data: bytes) -> tuple[int, bytes]:
+        if self.sock is None:
+            self.connect()
+        self.sock.sendall(data)
+        buf = self.buf
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            buf += self._recv()
+        head, body = buf[:end + 2].lower(), buf[end + 4:]
+        status = int(head[9:12])
+        at = head.find(b"\r\ncontent-length:")
+        if at < 0:
+            raise ConnectionError("response without Content-Length")
+        length = int(head[at + 17:head.index(b"\r\n", at + 2)])
+        while len(body) < length:
+            body += self._recv()
+        self.buf = body[length:]
+        if b"\r\nconnection: close\r\n" in head:
+            self.close()
+        return status, body[:length]
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("connection closed by the server")
+        return chunk
+
+
+def http_request(method: str, path: str, port: int, token: str, body: bytes | None = None) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", f"Authorization: Bearer {token}"]
+    if body is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
+
+
+def what(data: bytes) -> str:
+    return b" ".join(data.split(b" ", 2)[:2]).decode(errors="replace")
+
+
+class Errors:
+    def __init__(self):
+        self.count = 0
+        self.samples: list[str] = []
+        self.lock = threading.Lock()
+
+    def add(self, what: str) -> None:
+        with self.lock:
+            self.count += 1
+            if len(self.samples) < 5:
+                self.samples.append(what)
+
+
+def measure(port: int, requests, connections: int, duration: float, errors: Errors) -> tuple[float, float]:
+    """(requests/s of 2xx answers, seconds) over `connections` keep-alive connections, for
+    `duration` seconds. `requests` is a list (each connection cycles through it) or an iterator
+    shared by all connections (each request sent once; the run also ends when it is exhausted)."""
+    shared = not isinstance(requests, list)
+    lock = threading.Lock()
+    barrier = threading.Barrier(connections + 1)
+    counts = [0] * connections
+    ends = [0.0] * connections
+    state = {"deadline": float("inf"), "stop": False}
+
+    def next_shared():
+        with lock:
+            return next(requests, None)
+
+    def run(k: int) -> None:
+        conn = Conn(port)
+        own = itertools.cycle(requests[k % len(requests):] + requests[:k % len(requests)]) if not shared else None
+        try:
+            conn.connect()
+        except OSError as exc:
+            errors.add(f"connect: {exc}")
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            return
+        n = 0
+        deadline = state["deadline"]
+        try:
+            while not state["stop"] and time.perf_counter() < deadline:
+                data = next_shared() if shared else next(own)
+                if data is None:
+                    break
+                try:
+                    status, body = conn.request(data)
+                except (OSError, ValueError) as exc:
+                    errors.add(f"{what(data)}: {exc!r}")
+                    conn.close()
+                    continue
+                if 200 <= status < 300:
+                    n += 1
+                else:
+                    errors.add(f"{what(data)}: {status} {body[:160].decode(errors='replace')!r}")
+        except Exception as exc:  # a bug here must not pass for a slow server
+            errors.add(f"load generator: {exc!r}")
+        finally:
+            counts[k] = n
+            ends[k] = time.perf_counter()
+            conn.close()
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(connections)]
+    for t in threads:
+        t.start()
+    try:
+        started = time.perf_counter()
+        state["deadline"] = started + duration
+        barrier.wait()
+        for t in threads:
+            t.join()
+    except BaseException:
+        state["stop"] = True
+        barrier.abort()
+        raise
+    elapsed = max(ends) - started
+    return sum(counts) / elapsed, elapsed
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), {model}"
+
+
+def loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (figures not meaningful)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per figure (default 5, quick 1)")
+    parser.add_argument("--duration", type=float, help="seconds per measurement (default 5, quick 1)")
+    parser.add_argument("--approves", type=int, help="orders seeded per approve round (default: what the "
+                        "warm-up rate needs for --duration, with a margin)")
+    parser.add_argument("--connections", type=int, default=4, help="client keep-alive connections (default 4)")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (1 if args.quick else 5)
+    duration = args.duration or (1.0 if args.quick else 5.0)
+    warmup = 0.5 if args.quick else 2.0
+    warmup_approves = 20 if args.quick else 60
+    read_orders = 10
+    conns = args.connections
+
+    database_url = os.environ.get("BENCH_DATABASE_URL", DEFAULT_DATABASE_URL)
+    redis_url = os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL)
+    env = dict(os.environ, DATABASE_URL=database_url, ORDERS_DATABASE_URL=database_url, REDIS_URL=redis_url,
+               RATE_LIMITS="off", PAYMENT_VERIFIER="sandbox", PYTHONPATH=str(ROOT))
+    logdir = Path(tempfile.mkdtemp(prefix="orderdesk-bench-"))
+    servers = [Server("hello", "bench.hello:app", env, logdir, "/"),
+               Server("orders", "services.orders.wsgi:app", env, logdir, "/healthz")]
+    errors = Errors()
+
+    def on_term(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_term)
+
+    failed = True
+    try:
+        load_before = loadavg()
+        log(f"machine: {machine()}; load average {load_before}")
+        log(f"database {database_url}, redis {redis_url}; server logs in {logdir}")
+        fresh_database(database_url, env)
+        flush_redis(redis_url)
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_ready()
+        hello, orders = (s.port for s in servers)
+
+        seeder = Seeder(orders)
+        ids = seeder.orders(read_orders + warmup_approves)
+        buyer = seeder.buyer
+        reads, warm_pool = ids[:read_orders], ids[read_orders:]
+
+        def approves(batch):
+            body = b'{"action": "approve"}'
+            return iter([http_request("PATCH", f"/api/orders/{oid}", orders, buyer, body) for oid in batch])
+
+        # The approve warm-up also says how many orders a round needs.
+        rate, _ = measure(orders, approves(warm_pool), conns, warmup, errors)
+        per_round = args.approves or int(rate * duration * 2) + 20  # a margin: the machine is noisy
+        log(f"warm-up approve {rate:.0f}/s: seeding {per_round} orders per round")
+        pool = seeder.orders(rounds * per_round)
+        vacuum_analyze(database_url)  # the same plans and no autovacuum backlog in every round
+
+        timed = {
+            "hello_get": (hello, [http_request("GET", "/", hello, buyer)]),
+            "orders_get": (orders, [http_request("GET", f"/api/orders/{oid}", orders, buyer) for oid in reads]),
+            "hello_post": (hello, [http_request("POST", "/", hello, buyer, b'{"action": "approve"}')]),
+        }
+        log("warming up ...")
+        for port, requests in timed.values():
+            measure(port, requests, conns, warmup, errors)
+
+        results: dict[str, list[float]] = {name: [] for name in (*timed, "approve")}
+        for r in range(rounds):
+            for name, (port, requests) in timed.items():
+                results[name].append(measure(port, requests, conns, duration, errors)[0])
+            rate, elapsed = measure(orders, approves(pool[r * per_round:][:per_round]), conns, duration, errors)
+            results["approve"].append(rate)
+            short = f" (its {per_round} orders ran out after {elapsed:.1f} s)" if elapsed < duration * 0.9 else ""
+            log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {v[-1]:.0f}/s" for n, v in results.items()) + short)
+
+        load = f"{load_before} before, {loadavg()} after (other processes share the CPUs)"
+        report(results, rounds, duration, conns, args.quick, errors, load)
+        failed = errors.count > 0
+        return 1 if failed else 0
+    except SetupError as exc:
+        log(f"bench: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        log("bench: interrupted")
+        failed = False
+        return 130
+    except Exception:
+        import traceback
+        traceback.print_exc()
+        return 2
+    finally:
+        for server in reversed(servers):
+            server.stop()
+        try:
+            flush_redis(redis_url)  # the outbox's task messages, which no worker consumes here
+        except SetupError:
+            pass
+        if failed:
+            log(f"server logs kept in {logdir}")
+        else:
+            shutil.rmtree(logdir, ignore_errors=True)
+
+
+def report(results, rounds, duration, conns, quick, errors, load: str) -> None:
+    med = {name: statistics.median(values) for name, values in results.items()}
+    labels = {"hello_get": "hello GET /", "orders_get": "orders GET /api/orders/<id> (buyer)",
+              "hello_post": "hello POST / (JSON body)",
+              "approve": 'orders PATCH /api/orders/<id> {"action":"approve"}'}
+    print()
+    print(f"API throughput: requests/s, median of {rounds} interleaved round(s); {conns} keep-alive connections;")
+    print(f"both servers gunicorn {' '.join(GUNICORN[:6])}; {duration:g} s per measurement")
+    if quick:
+        print("QUICK smoke run: the figures are not meaningful")
+    print(f"machine: {machine()}; load average {load}")
+    print()
+    width = max(len(v) for v in labels.values())
+    print(f"{'request':<{width}}  {'req/s':>7}  rounds")
+    for name, values in results.items():
+        print(f"{labels[name]:<{width}}  {med[name]:>7.0f}  {' '.join(f'{v:.0f}' for v in values)}")
+    print()
+    print(f"{'ratio (of the medians)':<{width}}  {'value':>7}  {'target':<8}  {'':<5}  per round")
+    for key, (num, den, text) in {"get": ("orders_get", "hello_get", "orders GET / hello GET"),
+                                  "approve": ("approve", "hello_post", "approve / hello POST")}.items():
+        ratio = med[num] / med[den] if med[den] else 0.0
+        verdict = "PASS" if ratio >= TARGETS[key] else "BELOW"
+        paired = " ".join(f"{a / b:.2f}" if b else "-" for a, b in zip(results[num], results[den]))
+        print(f"{text:<{width}}  {ratio:>7.2f}  >= {TARGETS[key]:.2f}  {verdict:<5}  {paired}")
+    print()
+    if errors.count:
+        print(f"ERRORS: {errors.count} request(s) failed, e.g.:")
+        for sample in errors.samples:
+            print(f"  {sample}")
+    else:
+        print("errors: none")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
