@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from flask import Flask, g
+from flask import Flask, g, request
 from sqlalchemy import DateTime, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -76,11 +76,14 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):
-            # take the write lock up front so two writers queue instead of failing mid-transaction
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # writers take the write lock up front so two of them queue instead of failing midway
+            read_only = conn.get_execution_options().get("read_only", False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    # no pre-ping: it costs a round trip per request; a dropped connection fails one request (503)
+    # and is replaced, and recycling retires connections before servers or proxies time them out
+    return create_engine(url, pool_size=10, max_overflow=10, pool_recycle=1800)
 
 
 class Base(DeclarativeBase):
@@ -101,6 +104,11 @@ class Database:
         self.url = normalize_url(url)
         self.engine = make_engine(self.url)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+        # reads need no transaction on PostgreSQL (no BEGIN/COMMIT round trips) and no write lock on SQLite
+        options = {"read_only": True}
+        if self.is_postgres:
+            options["isolation_level"] = "AUTOCOMMIT"
+        self.read_sessionmaker = sessionmaker(self.engine.execution_options(**options), expire_on_commit=False)
 
     @property
     def is_postgres(self) -> bool:
@@ -155,7 +163,8 @@ class Database:
                 session.close()
 
     def session(self) -> Session:
-        """The current request's session, opened on first use."""
+        """The current request's session, opened on first use (read-only for GET and HEAD)."""
         if "db_session" not in g:
-            g.db_session = self.sessionmaker()
+            read = request.method in ("GET", "HEAD")
+            g.db_session = (self.read_sessionmaker if read else self.sessionmaker)()
         return g.db_session

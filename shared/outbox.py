@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import JSON, Index, Integer, String, select
+from sqlalchemy import JSON, Index, Integer, String, select, update
 from sqlalchemy.orm import Mapped, Session, declared_attr, mapped_column
 
 from shared import events, logs
@@ -47,36 +47,44 @@ class Outbox:
         row = self.model(id=new_id("event"), event=event, order_id=order_id, sequence=sequence, data=data,
                          request_id=logs.request_id.get(), created_at=utcnow(), attempts=0)
         session.add(row)
-        ids = session.info.setdefault("outbox_ids", [])
-        if not ids:  # one relay per transaction, right after it commits
-            after_commit(session, lambda: self._relay_after_commit(list(ids)))
-        ids.append(row.id)
+        pending = session.info.setdefault("outbox_pending", [])
+        if not pending:  # one relay per transaction, right after it commits
+            after_commit(session, lambda: self._publish_committed(list(pending)))
+        pending.append(row)
 
-    def _relay_after_commit(self, ids: list[str]) -> None:
+    def _publish_committed(self, rows: list) -> None:
+        """Publish what this transaction just committed, then mark it published in one UPDATE."""
         try:
-            self.relay(ids)
+            self._send([row.message() for row in rows])
+            with self.db.engine.begin() as conn:
+                conn.execute(update(self.model)
+                             .where(self.model.id.in_([row.id for row in rows]), self.model.published_at.is_(None))
+                             .values(published_at=utcnow(), attempts=self.model.attempts + 1))
         except Exception:  # the beat sweep publishes whatever this missed
             log.warning("outbox relay after commit failed; the sweep will retry", exc_info=True)
 
-    def relay(self, ids: list[str] | None = None, limit: int = 200) -> int:
-        """Publish unpublished events (these ids, or the oldest), marking them published.
+    def _send(self, messages: list[dict]) -> None:
+        with self.celery.producer_or_acquire() as producer:  # one pooled connection for the batch
+            for message in messages:
+                for sub in events.consumers(message["event"]):
+                    self.celery.send_task(sub.task, args=[message], queue=sub.queue, producer=producer,
+                                          task_id=f"{message['id']}:{sub.task}",
+                                          headers={"request_id": message["request_id"]})
+
+    def relay(self, limit: int = 200) -> int:
+        """Publish the oldest unpublished events (the sweep), marking them published.
 
         A crash between publish and mark publishes again: consumers are idempotent by event id.
         """
         with self.db.transaction() as session:
-            query = select(self.model).where(self.model.published_at.is_(None))
-            if ids is not None:
-                query = query.where(self.model.id.in_(ids))
-            query = query.order_by(self.model.created_at).limit(limit)
+            query = (select(self.model).where(self.model.published_at.is_(None))
+                     .order_by(self.model.created_at).limit(limit))
             if self.db.is_postgres:
                 query = query.with_for_update(skip_locked=True)
             rows = session.scalars(query).all()
+            self._send([row.message() for row in rows])
+            now = utcnow()
             for row in rows:
                 row.attempts += 1
-                message = row.message()
-                for sub in events.consumers(row.event):
-                    self.celery.send_task(sub.task, args=[message], queue=sub.queue,
-                                          task_id=f"{row.id}:{sub.task}",
-                                          headers={"request_id": row.request_id})
-                row.published_at = utcnow()
+                row.published_at = now
             return len(rows)

@@ -83,13 +83,15 @@ class Order(Base):
         Index("ix_orders_agent_status", "agent_id", "status", "created_at"),
     )
 
+    # every view shows the timeline and review; deliveries and revisions are loaded only when the
+    # order has some (delivery_count, revision_count say so without a query)
     timeline: Mapped[list["TimelineEntry"]] = relationship(
         order_by="TimelineEntry.number", lazy="selectin", cascade="all, delete-orphan")
     deliveries: Mapped[list["Delivery"]] = relationship(
-        order_by="Delivery.number", lazy="selectin", cascade="all, delete-orphan")
+        order_by="Delivery.number", lazy="select", cascade="all, delete-orphan")
     revisions: Mapped[list["Revision"]] = relationship(
-        order_by="Revision.number", lazy="selectin", cascade="all, delete-orphan")
-    review: Mapped["Review | None"] = relationship(lazy="selectin", uselist=False)
+        order_by="Revision.number", lazy="select", cascade="all, delete-orphan")
+    review: Mapped["Review | None"] = relationship(lazy="joined", uselist=False)
 
 
 class TimelineEntry(Base):
@@ -114,7 +116,7 @@ class Delivery(Base):
     number: Mapped[int] = mapped_column(Integer)
     created_at = mapped_column(UTCDateTime(), nullable=False)
     items: Mapped[list["DeliveryItem"]] = relationship(
-        order_by="DeliveryItem.position", lazy="selectin", cascade="all, delete-orphan")
+        order_by="DeliveryItem.position", lazy="joined", cascade="all, delete-orphan")
     __table_args__ = (UniqueConstraint("order_id", "number"),)
 
 

@@ -47,7 +47,7 @@ def order(o: Order, viewer: Caller) -> dict:
         "items": [{"id": i.id, "media_type": i.media_type, "title": i.title,
                    "url": i.url if (i.media_type != "image" or originals_visible) else None,
                    "preview_url": i.preview_url, "preview_status": i.preview_status} for i in d.items],
-    } for d in o.deliveries]
+    } for d in (o.deliveries if o.delivery_count else ())]
     return {
         "id": o.id, "status": o.status, "service_id": o.service_id, "agent_id": o.agent_id,
         "client_wallet": o.client_wallet, "price_type": o.price_type, "brief": o.brief,
@@ -56,7 +56,7 @@ def order(o: Order, viewer: Caller) -> dict:
         "max_revisions": o.max_revisions, "due_at": isoformat(o.due_at),
         "review_deadline_at": isoformat(o.review_deadline_at), "deliveries": deliveries,
         "revisions": [{"number": r.number, "feedback": r.feedback, "is_extra": r.is_extra,
-                       "created_at": isoformat(r.created_at)} for r in o.revisions],
+                       "created_at": isoformat(r.created_at)} for r in (o.revisions if o.revision_count else ())],
         "workspace": None, "review": review(o.review),
         # payout and refund records arrive with the payouts worker; until then none exists
         "payout": None, "refund": None,

@@ -5,7 +5,8 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import select, tuple_, update
+from sqlalchemy.orm import selectinload
 from sqlalchemy.orm import Session
 
 from shared import errors, logs
@@ -91,8 +92,7 @@ def place_order(session: Session, rt: Runtime, buyer: Caller, data: dict) -> Ord
     session.add(order)
     _timeline(order, "create", None, order.status, buyer, now, None)
     _set_timer(session, order, "expire_quote", now + dt.timedelta(seconds=rt.settings.quote_expiry_seconds))
-    agent = session.get(Agent, service.agent_id)
-    agent.total_orders = Agent.total_orders + 1
+    _bump_agent(session, service.agent_id, total_orders=1)
     _emit(session, rt, order, "order.created", {"action": "create", "from": None, "to": order.status})
     return order
 
@@ -101,7 +101,7 @@ def get_order(session: Session, order_id: str, caller: Caller, for_update: bool 
     """The order if the caller may see it; strangers get 404, never a hint that it exists."""
     query = select(Order).where(Order.id == order_id)
     if for_update:
-        query = query.with_for_update()
+        query = query.with_for_update(of=Order)  # lock the order row, not the joined review
     order = session.scalar(query)
     if order is None or not can_view(order, caller):
         raise errors.NotFound("No such order.")
@@ -134,7 +134,8 @@ def list_orders(session: Session, *, client_wallet: str | None = None, agent_id:
         query = query.where(Order.status.in_(statuses))
     if cursor is not None:
         query = query.where(tuple_(Order.created_at, Order.id) < tuple_(*cursor))
-    rows = session.scalars(query.order_by(Order.created_at.desc(), Order.id.desc()).limit(limit + 1)).all()
+    query = query.options(selectinload(Order.deliveries), selectinload(Order.revisions))  # one query each per page
+    rows = session.scalars(query.order_by(Order.created_at.desc(), Order.id.desc()).limit(limit + 1)).unique().all()
     more = len(rows) > limit
     return rows[:limit], (rows[limit - 1] if more else None)
 
@@ -166,8 +167,7 @@ def act(session: Session, rt: Runtime, order: Order, action: str, caller: Caller
     order.updated_at = now
     if target == "completed":
         order.completed_at = now
-        agent = session.get(Agent, order.agent_id)
-        agent.completed_orders = Agent.completed_orders + 1
+        _bump_agent(session, order.agent_id, completed_orders=1)
     elif target == "cancelled":
         order.cancelled_at = now
     _timeline(order, action, source, target, caller, now, params.get("note"))
@@ -305,12 +305,16 @@ def add_review(session: Session, order: Order, caller: Caller, data: dict) -> Re
                     created_at=utcnow())
     session.add(review)
     order.review = review
-    agent = session.get(Agent, order.agent_id)
-    agent.review_count = Agent.review_count + 1
-    agent.rating_sum = Agent.rating_sum + data["rating"]
-    column = f"rating_{data['rating']}"
-    setattr(agent, column, getattr(Agent, column) + 1)
+    _bump_agent(session, order.agent_id, review_count=1, rating_sum=data["rating"],
+                **{f"rating_{data['rating']}": 1})
     return review
+
+
+def _bump_agent(session: Session, agent_id: str, **increments: int) -> None:
+    """Add to an agent's counters in SQL, so concurrent changes add up instead of overwriting."""
+    session.execute(update(Agent).where(Agent.id == agent_id)
+                    .values({getattr(Agent, k): getattr(Agent, k) + v for k, v in increments.items()}),
+                    execution_options={"synchronize_session": False})
 
 
 # --- timers ----------------------------------------------------------------------------------
@@ -329,7 +333,7 @@ def fire_timer(session: Session, rt: Runtime, timer_id: int, is_postgres: bool, 
     if timer is None:
         return None
     timer.fired_at = now
-    order = session.scalar(select(Order).where(Order.id == timer.order_id).with_for_update())
+    order = session.scalar(select(Order).where(Order.id == timer.order_id).with_for_update(of=Order))
     try:
         act(session, rt, order, timer.kind, Caller("system", "timer"), {}, now=now)
     except errors.DomainError:
