@@ -23,4 +23,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config.update(API_TITLE="Order desk — messaging", API_VERSION="1", OPENAPI_VERSION="3.0.3",
                       OPENAPI_URL_PREFIX="/api", OPENAPI_JSON_PATH="openapi.json")
     Api(app).register_blueprint(messages_bp)
+    errors.register_error_handlers(app)  # ours, not flask-smorest's: every error in the envelope
     return app

@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config.update(API_TITLE="Order desk — orders", API_VERSION="1", OPENAPI_VERSION="3.0.3",
                       OPENAPI_URL_PREFIX="/api", OPENAPI_JSON_PATH="openapi.json")
     api = Api(app)
+    errors.register_error_handlers(app)  # ours, not flask-smorest's: every error in the envelope
     api.spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     from . import views
     for blueprint in views.blueprints():
