@@ -12,9 +12,9 @@ import datetime as dt
 from dataclasses import dataclass
 
 import pytest
-from sqlalchemy import update
 
 from services.orders import statemachine
+from services.orders import cache
 from services.orders.models import Order
 from services.orders.payments import destination_for
 from shared.db import utcnow
@@ -306,9 +306,10 @@ def test_resolve_outcomes(api, outcome):
 # --- guarded rules: dispute / cancel once due_at has passed with no delivery --------------------------
 
 def _make_overdue(db, order_id):
-    with db.transaction() as session:
-        session.execute(update(Order).where(Order.id == order_id)
-                        .values(due_at=utcnow() - dt.timedelta(minutes=1)))
+    with db.transaction() as session:  # as the app would: through the ORM, so the cached view follows
+        order = session.get(Order, order_id)
+        order.due_at = utcnow() - dt.timedelta(minutes=1)
+        cache.changed(session, order)
 
 
 @pytest.mark.parametrize("state,action", [("paid", "dispute"), ("in_progress", "dispute"),

@@ -20,6 +20,7 @@ from shared.settings import Settings, load
 from shared.web import create_base_app
 
 from . import services
+from .cache import OrderViews
 from .models import IdempotencyRecord, OutboxEvent
 from .payments import make_verifier
 
@@ -39,7 +40,9 @@ def create_app(settings: Settings | None = None) -> Flask:
             return conn.execute(text("SELECT 1")).scalar() == 1
 
     app = create_base_app("orders", settings, {"database": database_answers, "redis": cache.ping})
-    app.extensions.update(orders_runtime=runtime, redis=cache)
+    views = OrderViews(cache)
+    views.watch(db.sessionmaker)
+    app.extensions.update(orders_runtime=runtime, redis=cache, order_views=views)
     db.init_app(app, on_commit_error=lambda exc: _commit_error(db, exc))
     _install_auth_and_limits(app, db, cache, settings)
     _install_idempotency(app, db)

@@ -17,6 +17,7 @@ from shared.money import fee_cents, format_usd
 from shared.outbox import Outbox
 from shared.settings import Settings
 
+from . import cache
 from . import statemachine as sm
 from .models import (Agent, Delivery, DeliveryItem, Order, Revision, Review, Service, TimelineEntry,
                      Timer)
@@ -285,6 +286,7 @@ def _set_timer(session: Session, order: Order, kind: str, due_at: dt.datetime) -
 
 
 def _emit(session: Session, rt: Runtime, order: Order, event: str, data: dict) -> None:
+    cache.changed(session, order)
     order.event_sequence += 1
     rt.outbox.record(session, event, {"order_id": order.id, "agent_id": order.agent_id,
                                       "client_wallet": order.client_wallet, "status": order.status, **data},
@@ -305,6 +307,8 @@ def add_review(session: Session, order: Order, caller: Caller, data: dict) -> Re
                     created_at=utcnow())
     session.add(review)
     order.review = review
+    order.updated_at = review.created_at
+    cache.changed(session, order)
     _bump_agent(session, order.agent_id, review_count=1, rating_sum=data["rating"],
                 **{f"rating_{data['rating']}": 1})
     return review

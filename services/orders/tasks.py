@@ -4,12 +4,15 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 
+import redis
+
 from shared.celery_app import make_celery
 from shared.db import Database, utcnow
 from shared.outbox import Outbox
 from shared.settings import load
 
 from . import services
+from .cache import OrderViews
 from .models import OutboxEvent
 from .payments import make_verifier
 
@@ -25,6 +28,7 @@ app.conf.beat_schedule = {
 @lru_cache(maxsize=1)
 def runtime() -> tuple[Database, services.Runtime]:
     db = Database(settings.orders_db)
+    OrderViews(redis.Redis.from_url(settings.redis_url, socket_timeout=2)).watch(db.sessionmaker)
     return db, services.Runtime(settings, Outbox(OutboxEvent, app, db), make_verifier(settings))
 
 

@@ -1,0 +1,100 @@
+"""Rendered order views in Redis, so reading an order costs one Redis call and no database query.
+
+Written through: every transaction that changes an order renders its views (buyer, agent, admin)
+before commit and stores them right after, with the order's version. A store only replaces an
+older version (compare-and-set in Lua), so a slow reader can never put back a stale view. Any
+failure falls back to the database; entries expire, bounding the damage of a lost write.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import redis
+from sqlalchemy import event
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.auth import Caller
+from shared.db import after_commit
+
+from .models import Order
+
+log = logging.getLogger(__name__)
+TTL_SECONDS = 3600
+
+_STORE = """
+local current = redis.call('HGET', KEYS[1], 'version')
+if current and tonumber(current) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'client_wallet', ARGV[2], 'agent_id', ARGV[3],
+           'buyer', ARGV[4], 'agent', ARGV[5], 'admin', ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+return 1
+"""
+
+# one round trip: the view this caller may see, 'none' for a stranger, nil on a miss
+_FETCH = """
+local h = redis.call('HMGET', KEYS[1], 'client_wallet', 'agent_id', 'buyer', 'agent', 'admin')
+if not h[1] then return nil end
+if ARGV[1] == 'admin' then return h[5] end
+if ARGV[1] == 'buyer' and ARGV[2] == h[1] then return h[3] end
+if ARGV[1] == 'agent' and ARGV[2] == h[2] then return h[4] end
+return 'none'
+"""
+
+STRANGER = b"none"
+
+
+def _key(order_id: str) -> str:
+    return f"orders:view:{order_id}"
+
+
+class OrderViews:
+    def __init__(self, client: redis.Redis):
+        self.client = client
+        self._store = client.register_script(_STORE)
+        self._fetch = client.register_script(_FETCH)
+
+    def fetch(self, order_id: str, caller: Caller) -> bytes | None:
+        """The caller's view as JSON bytes, STRANGER if they may not see it, None on a miss."""
+        try:
+            return self._fetch(keys=[_key(order_id)], args=[caller.kind, caller.id or ""])
+        except redis.RedisError:
+            log.warning("order view cache unavailable", exc_info=True)
+            return None
+
+    def _render(self, order: Order) -> list:
+        from . import present
+        views = [json.dumps(present.order(order, viewer), separators=(",", ":"))
+                 for viewer in (Caller("buyer", order.client_wallet), Caller("agent", order.agent_id),
+                                Caller("admin", "cache"))]
+        return [order.version, order.client_wallet, order.agent_id, *views, TTL_SECONDS]
+
+    def store(self, order: Order) -> None:
+        """Store the views of an order as read from committed state (a miss being filled)."""
+        self._write(order.id, self._render(order))
+
+    def _write(self, order_id: str, args: list) -> None:
+        try:
+            self._store(keys=[_key(order_id)], args=args)
+        except redis.RedisError:
+            log.warning("could not store the view of %s; dropping it", order_id, exc_info=True)
+            try:
+                self.client.delete(_key(order_id))
+            except redis.RedisError:
+                pass
+
+    def watch(self, factory: sessionmaker) -> None:
+        """Render the views of every order a transaction changed, and store them once it commits."""
+
+        @event.listens_for(factory, "before_commit")
+        def _render_changed(session: Session):
+            changed = session.info.pop("changed_orders", None)
+            if not changed:
+                return
+            session.flush()  # the version is final now
+            rendered = {order.id: self._render(order) for order in changed.values()}
+            after_commit(session, lambda: [self._write(oid, args) for oid, args in rendered.items()])
+
+
+def changed(session: Session, order: Order) -> None:
+    session.info.setdefault("changed_orders", {})[order.id] = order
