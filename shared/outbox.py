@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import JSON, Index, Integer, String, select, update
+from sqlalchemy import JSON, Index, Integer, String, select
 from sqlalchemy.orm import Mapped, Session, declared_attr, mapped_column
 
 from shared import events, logs
@@ -35,12 +35,18 @@ class OutboxMixin:
 
 
 class Outbox:
-    """Writes and relays the events of one service's outbox table."""
+    """Writes and relays the events of one service's outbox table.
 
-    def __init__(self, model, celery_app, database):
+    A committed transaction's events are handed to the relay task right away (one small message);
+    the relay publishes each event to its consumers' queues and marks it published. A beat sweep
+    runs the same relay over whatever is still unpublished, so a lost hand-off delays, never loses.
+    """
+
+    def __init__(self, model, celery_app, database, relay_task: str):
         self.model = model
         self.celery = celery_app
         self.db = database
+        self.relay_task = relay_task
 
     def record(self, session: Session, event: str, data: dict, order_id: str | None = None,
                sequence: int = 0) -> None:
@@ -48,41 +54,36 @@ class Outbox:
                          request_id=logs.request_id.get(), created_at=utcnow(), attempts=0)
         session.add(row)
         pending = session.info.setdefault("outbox_pending", [])
-        if not pending:  # one relay per transaction, right after it commits
-            after_commit(session, lambda: self._publish_committed(list(pending)))
+        if not pending:  # one hand-off per transaction, right after it commits
+            after_commit(session, lambda: self._hand_off([row.id for row in pending]))
         pending.append(row)
 
-    def _publish_committed(self, rows: list) -> None:
-        """Publish what this transaction just committed, then mark it published in one UPDATE."""
+    def _hand_off(self, ids: list[str]) -> None:
         try:
-            self._send([row.message() for row in rows])
-            with self.db.engine.begin() as conn:
-                conn.execute(update(self.model)
-                             .where(self.model.id.in_([row.id for row in rows]), self.model.published_at.is_(None))
-                             .values(published_at=utcnow(), attempts=self.model.attempts + 1))
+            self.celery.send_task(self.relay_task, args=[ids], queue="default")
         except Exception:  # the beat sweep publishes whatever this missed
-            log.warning("outbox relay after commit failed; the sweep will retry", exc_info=True)
+            log.warning("outbox hand-off after commit failed; the sweep will relay", exc_info=True)
 
-    def _send(self, messages: list[dict]) -> None:
-        with self.celery.producer_or_acquire() as producer:  # one pooled connection for the batch
-            for message in messages:
-                for sub in events.consumers(message["event"]):
-                    self.celery.send_task(sub.task, args=[message], queue=sub.queue, producer=producer,
-                                          task_id=f"{message['id']}:{sub.task}",
-                                          headers={"request_id": message["request_id"]})
-
-    def relay(self, limit: int = 200) -> int:
-        """Publish the oldest unpublished events (the sweep), marking them published.
+    def relay(self, ids: list[str] | None = None, limit: int = 200) -> int:
+        """Publish unpublished events (these ids, or the oldest) to their consumers; mark them published.
 
         A crash between publish and mark publishes again: consumers are idempotent by event id.
         """
         with self.db.transaction() as session:
-            query = (select(self.model).where(self.model.published_at.is_(None))
-                     .order_by(self.model.created_at).limit(limit))
+            query = select(self.model).where(self.model.published_at.is_(None))
+            if ids is not None:
+                query = query.where(self.model.id.in_(ids))
+            query = query.order_by(self.model.created_at).limit(limit)
             if self.db.is_postgres:
                 query = query.with_for_update(skip_locked=True)
             rows = session.scalars(query).all()
-            self._send([row.message() for row in rows])
+            with self.celery.producer_or_acquire() as producer:  # one pooled connection for the batch
+                for row in rows:
+                    message = row.message()
+                    for sub in events.consumers(row.event):
+                        self.celery.send_task(sub.task, args=[message], queue=sub.queue, producer=producer,
+                                              task_id=f"{row.id}:{sub.task}",
+                                              headers={"request_id": row.request_id})
             now = utcnow()
             for row in rows:
                 row.attempts += 1

@@ -8,17 +8,15 @@ import socket
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import redis as redis_lib
 from sqlalchemy import text
 
 from shared.db import Base, Database
-from shared.settings import ROOT, load
+from shared.settings import load
 from tests.support.api import ApiClient
 
-TEST_VAR = ROOT / "var" / "test"
 
 
 def _free_port() -> int:
@@ -52,12 +50,12 @@ def redis_url():
 
 
 @pytest.fixture(scope="session")
-def database_url():
+def database_url(tmp_path_factory):
     url = os.environ.get("DATABASE_URL")
     if url:
         return url
-    TEST_VAR.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{TEST_VAR / 'orders.db'}"
+    # a file of this run's own, so two runs in one checkout cannot wipe each other's tables
+    return f"sqlite:///{tmp_path_factory.mktemp('orders-db') / 'orders.db'}"
 
 
 @pytest.fixture(scope="session")
@@ -76,10 +74,6 @@ def migrated(base_settings):
         with db.engine.begin() as conn:
             conn.execute(text("DROP SCHEMA public CASCADE"))
             conn.execute(text("CREATE SCHEMA public"))
-    else:
-        db.engine.dispose()
-        for suffix in ("", "-wal", "-shm"):
-            Path(str(TEST_VAR / "orders.db") + suffix).unlink(missing_ok=True)
     migrate.upgrade(MIGRATIONS, base_settings.orders_db)
     yield db
     db.engine.dispose()

@@ -23,18 +23,34 @@ def _events(db, order_id):
                                .order_by(OutboxEvent.sequence)).all()
 
 
-def test_completion_event_reaches_the_payouts_queue_with_the_payout_due(api, db, redis_url):
+def _body(message):
+    return json.loads(base64.b64decode(message["body"]))
+
+
+def _relay_handed_off(app, redis_url):
+    """Run the relay tasks the requests handed to the default queue, as the default worker would."""
+    outbox = app.extensions["orders_runtime"].outbox
+    client = redis.Redis.from_url(redis_url)
+    handed = 0
+    while (raw := client.rpop("default")) is not None:
+        message = json.loads(raw)
+        assert message["headers"]["task"] == "orders.relay_outbox"
+        handed += outbox.relay(_body(message)[0][0])
+    return handed
+
+
+def test_completion_event_reaches_the_payouts_queue_with_the_payout_due(api, app, db, redis_url):
     agent, buyer, order = api.order_in("delivered")
     api.ok("PATCH", f"/api/orders/{order['id']}", buyer, json={"action": "approve"})
     events = _events(db, order["id"])
     assert [e.event for e in events] == ["order.created", "order.paid", "order.delivered", "order.completed"]
     assert [e.sequence for e in events] == [1, 2, 3, 4]
-    assert all(e.published_at is not None for e in events)  # relayed right after commit
+    assert _relay_handed_off(app, redis_url) == 4  # each commit handed its events to the relay
+    assert all(e.published_at is not None for e in _events(db, order["id"]))
 
     payouts = [m for m in _queued(redis_url, "payouts") if m["headers"]["task"] == "payouts.settle_order"]
     assert len(payouts) == 1
-    body = json.loads(base64.b64decode(payouts[0]["body"]))
-    event = body[0][0]
+    event = _body(payouts[0])[0][0]
     assert event["event"] == "order.completed" and event["order_id"] == order["id"]
     assert event["data"]["payout_due"] == {"agent_id": agent.id, "gross_usd": "45.00", "fee_usd": "4.50",
                                            "amount_usd": "40.50"}
@@ -80,25 +96,26 @@ def test_a_rolled_back_transaction_publishes_nothing(app, db, redis_url):
 
 def test_events_survive_a_broker_outage_and_the_sweep_publishes_them(app, db, redis_url, settings):
     dead = make_celery("dead", settings.replace(redis_url="redis://127.0.0.1:1/0"))
-    offline = Outbox(OutboxEvent, dead, db)
+    offline = Outbox(OutboxEvent, dead, db, relay_task="orders.relay_outbox")
     with db.transaction() as session:
         offline.record(session, "order.completed", {"payout_due": {"amount_usd": "1.00"}}, order_id=None)
     with db.transaction() as session:
         row = session.scalars(select(OutboxEvent)).one()
-    assert row.published_at is None  # the after-commit publish failed; nothing lost
+    assert row.published_at is None  # the hand-off after commit failed; nothing lost
 
     assert app.extensions["orders_runtime"].outbox.relay() == 1  # what the beat sweep runs
     with db.transaction() as session:
         assert session.get(OutboxEvent, row.id).published_at is not None
-    assert any(json.loads(base64.b64decode(m["body"]))[0][0]["id"] == row.id
-               for m in _queued(redis_url, "payouts"))
+    assert any(_body(m)[0][0]["id"] == row.id for m in _queued(redis_url, "payouts"))
 
 
-def test_the_request_id_follows_the_request_into_the_queued_tasks(api, redis_url):
+def test_the_request_id_follows_the_request_into_the_queued_tasks(api, app, redis_url):
     agent, service, buyer = api.setup()
     api.call("POST", "/api/orders", buyer, json={"service_id": service["id"], "brief": "A drawing of a fox."},
              headers={"X-Request-ID": "req-fox-42"})
     assert api.last.headers["X-Request-ID"] == "req-fox-42"
-    created = [m for m in _queued(redis_url, "webhooks")
-               if json.loads(base64.b64decode(m["body"]))[0][0]["event"] == "order.created"]
+    hand_off = _queued(redis_url, "default")
+    assert hand_off and hand_off[-1]["headers"]["request_id"] == "req-fox-42"
+    _relay_handed_off(app, redis_url)
+    created = [m for m in _queued(redis_url, "webhooks") if _body(m)[0][0]["event"] == "order.created"]
     assert created and created[0]["headers"]["request_id"] == "req-fox-42"

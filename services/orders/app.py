@@ -32,7 +32,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load()
     db = Database(settings.orders_db)
     cache = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
-    runtime = services.Runtime(settings, Outbox(OutboxEvent, make_celery("orders-web", settings), db),
+    runtime = services.Runtime(settings, Outbox(OutboxEvent, make_celery("orders-web", settings), db,
+                                                      relay_task="orders.relay_outbox"),
                                make_verifier(settings))
 
     def database_answers() -> bool:

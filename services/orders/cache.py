@@ -62,11 +62,10 @@ class OrderViews:
             log.warning("order view cache unavailable", exc_info=True)
             return None
 
-    def _render(self, order: Order) -> list:
+    def _render(self, order: Order, full: dict | None = None) -> list:
         from . import present
-        views = [json.dumps(present.order(order, viewer), separators=(",", ":"))
-                 for viewer in (Caller("buyer", order.client_wallet), Caller("agent", order.agent_id),
-                                Caller("admin", "cache"))]
+        full = full or present.full_order(order)
+        views = [json.dumps(present.for_role(full, role), separators=(",", ":")) for role in ("buyer", "agent", "admin")]
         return [order.version, order.client_wallet, order.agent_id, *views, TTL_SECONDS]
 
     def store(self, order: Order) -> None:
@@ -92,9 +91,16 @@ class OrderViews:
             if not changed:
                 return
             session.flush()  # the version is final now
-            rendered = {order.id: self._render(order) for order in changed.values()}
+            known = session.info.pop("rendered_orders", {})
+            rendered = {order.id: self._render(order, known.get((order.id, order.version)))
+                        for order in changed.values()}
             after_commit(session, lambda: [self._write(oid, args) for oid, args in rendered.items()])
 
 
 def changed(session: Session, order: Order) -> None:
     session.info.setdefault("changed_orders", {})[order.id] = order
+
+
+def rendered(session: Session, order: Order, full: dict) -> None:
+    """Offer a full view the request already built, so the commit need not build it again."""
+    session.info.setdefault("rendered_orders", {})[(order.id, order.version)] = full

@@ -39,13 +39,23 @@ def review(r: Review | None) -> dict | None:
 
 
 def order(o: Order, viewer: Caller) -> dict:
-    role = party_of(o, viewer)
-    # the buyer sees an image's original only once the order is completed (DESIGN.md §3)
-    originals_visible = role != "buyer" or o.status == "completed"
+    return for_role(full_order(o), party_of(o, viewer))
+
+
+def for_role(full: dict, role: str | None) -> dict:
+    """What one party sees of the full (admin) view of an order."""
+    if role == "buyer" and full["status"] != "completed":
+        # the buyer sees an image's original only once the order is completed (DESIGN.md §3)
+        full = dict(full, deliveries=[
+            dict(d, items=[dict(i, url=None) if i["media_type"] == "image" else i for i in d["items"]])
+            for d in full["deliveries"]])
+    return full
+
+
+def full_order(o: Order) -> dict:
     deliveries = [{
         "id": d.id, "number": d.number, "created_at": isoformat(d.created_at),
-        "items": [{"id": i.id, "media_type": i.media_type, "title": i.title,
-                   "url": i.url if (i.media_type != "image" or originals_visible) else None,
+        "items": [{"id": i.id, "media_type": i.media_type, "title": i.title, "url": i.url,
                    "preview_url": i.preview_url, "preview_status": i.preview_status} for i in d.items],
     } for d in (o.deliveries if o.delivery_count else ())]
     return {

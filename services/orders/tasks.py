@@ -29,12 +29,15 @@ app.conf.beat_schedule = {
 def runtime() -> tuple[Database, services.Runtime]:
     db = Database(settings.orders_db)
     OrderViews(redis.Redis.from_url(settings.redis_url, socket_timeout=2)).watch(db.sessionmaker)
-    return db, services.Runtime(settings, Outbox(OutboxEvent, app, db), make_verifier(settings))
+    return db, services.Runtime(settings, Outbox(OutboxEvent, app, db, relay_task="orders.relay_outbox"), make_verifier(settings))
 
 
 @app.task(name="orders.relay_outbox", acks_late=True)
-def relay_outbox() -> int:
+def relay_outbox(ids: list[str] | None = None) -> int:
+    """Relay the events a transaction just committed (ids), or sweep every unpublished one."""
     db, rt = runtime()
+    if ids is not None:
+        return rt.outbox.relay(ids)
     published = 0
     while True:  # drain in batches so one sweep clears a backlog
         count = rt.outbox.relay(limit=200)

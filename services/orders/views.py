@@ -19,6 +19,7 @@ from shared.web import ok, page
 
 from . import present, services
 from . import schemas as s
+from . import cache
 from .cache import STRANGER
 from .models import Agent, Order, Service
 from .payments import record_sandbox_transfer
@@ -84,7 +85,15 @@ def _act(order_id: str, action: str, params: dict, kinds: tuple[str, ...]):
     caller = _require(*kinds)
     order = _order_for(order_id, caller, for_update=True)
     services.act(_db(), _rt(), order, action, caller, params)
-    return ok(present.order(order, caller))
+    return ok(_view_after_change(order, caller))
+
+
+def _view_after_change(order: Order, caller: Caller) -> dict:
+    """The caller's view of a changed order, built once for the response and the cache."""
+    _db().flush()
+    full = present.full_order(order)
+    cache.rendered(_db(), order, full)
+    return present.for_role(full, services.party_of(order, caller))
 
 
 def _orders_page(rows, last, caller):
@@ -238,7 +247,7 @@ def create_order(data):
     if not looks_like("service", data["service_id"]):
         raise errors.NotFound("No such service.")
     order = services.place_order(_db(), _rt(), caller, data)
-    return ok(present.order(order, caller), 201)
+    return ok(_view_after_change(order, caller), 201)
 
 
 @orders_bp.route("", methods=["GET"])
