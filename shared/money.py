@@ -3,12 +3,12 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 import re
 
 MAX_CENTS = 100_000_000  # 1,000,000.00 USDC
-_PATTERN = re.compile(r"^\d{1,7}(\.\d{1,2})?$")
+_PATTERN = re.compile(r"[0-9]{1,7}(\.[0-9]{1,2})?")  # ASCII digits only, matched whole
 
 
 def parse_usd(value) -> int:
     """'45.5' → 4550. Refuses floats, negatives, more than 2 decimals and exponent forms."""
-    if not isinstance(value, str) or not _PATTERN.match(value):
+    if not isinstance(value, str) or not _PATTERN.fullmatch(value):
         raise ValueError("must be a string amount with at most 2 decimals, e.g. \"45.00\"")
     try:
         return int((Decimal(value) * 100).to_integral_exact())

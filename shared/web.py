@@ -1,7 +1,9 @@
 """What every Flask service shares at the HTTP edge: envelope, request ids, logs, health."""
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 from typing import Callable
 
@@ -26,6 +28,58 @@ def page(items: list, next_cursor: str | None, **extra) -> dict:
     return {"items": items, "next_cursor": next_cursor, **extra}
 
 
+def _refuse_unstorable_input() -> None:
+    """Refuse, before any view runs, input no database can store or no parser should recurse into."""
+    if not storable(request.path):
+        raise errors.NotFound()  # no id with such characters exists
+    for name, value in request.args.items(multi=True):
+        if not storable(value):
+            raise errors.ValidationError("The request contains characters that cannot be stored.",
+                                         {"fields": {name: ["Contains a NUL or an unpaired surrogate."]}})
+    if request.method not in ("POST", "PATCH", "PUT") or not request.is_json:
+        return
+    raw = request.get_data(cache=True)
+    if not raw:
+        return
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise errors.ValidationError("The JSON body is nested too deeply.",
+                                     {"fields": {"json": ["Nested too deeply."]}}) from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise errors.ValidationError("The body is not valid JSON.", {"fields": {"json": ["Invalid JSON body."]}}) from None
+    where = first_unstorable(body)
+    if where is not None:
+        raise errors.ValidationError("The request contains characters that cannot be stored.",
+                                     {"fields": {where or "json": ["Contains a NUL or an unpaired surrogate."]}})
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(text: str) -> bool:
+    """PostgreSQL text cannot hold NUL; UTF-8 cannot encode a lone surrogate."""
+    return _UNSTORABLE.search(text) is None
+
+
+def first_unstorable(value) -> str | None:
+    """The dotted path of the first string (key or value) that cannot be stored, else None."""
+    stack = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if not storable(item):
+                return path
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if not storable(key):
+                    return path
+                stack.append((f"{path}.{key}" if path else key, child))
+        elif isinstance(item, list):
+            stack.extend((f"{path}.{i}" if path else str(i), child) for i, child in enumerate(item))
+    return None
+
+
 def create_base_app(name: str, settings: Settings, readiness: dict[str, Callable[[], bool]]) -> Flask:
     """`readiness` names the checks /readyz runs (each returns truthy when its dependency answers)."""
     logs.configure(name, settings.log_level)
@@ -47,6 +101,7 @@ def create_base_app(name: str, settings: Settings, readiness: dict[str, Callable
         if request.method in ("POST", "PATCH", "PUT") and request.content_length and not request.is_json \
                 and request.mimetype != "multipart/form-data":
             raise errors.UnsupportedMediaType()
+        _refuse_unstorable_input()
 
     @app.after_request
     def _finish(response: Response):

@@ -8,7 +8,7 @@ import redis
 from flask import Flask, Response, g, request
 from flask_smorest import Api
 from sqlalchemy import select, text
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm.exc import StaleDataError
 
 from shared import errors, ratelimit
@@ -81,8 +81,11 @@ def _commit_error(db: Database, exc: Exception):
         if replay is not None:
             return replay
         return errors.error_response(409, "That conflicts with a change made meanwhile; retry.", "conflict")
-    log.warning("commit failed", exc_info=exc)
-    return errors.error_response(503, "The database is unavailable; retry later.", "service_unavailable")
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        log.warning("commit failed", exc_info=exc)
+        return errors.error_response(503, "The database is unavailable; retry later.", "service_unavailable")
+    log.error("commit failed", exc_info=exc)
+    return errors.error_response(500, "Internal error.", "internal_error")
 
 
 def current_db() -> Database:
@@ -150,9 +153,10 @@ def _install_idempotency(app: Flask, db: Database) -> None:
             raise errors.ValidationError("Idempotency-Key must be 1-255 characters.")
         fingerprint = hashlib.sha256(b"%s %s\n" % (request.method.encode(), request.path.encode())
                                      + request.get_data()).hexdigest()
-        record = db.session().get(IdempotencyRecord, (g.caller.key, key))
+        caller = hashlib.sha256(g.caller.key.encode()).hexdigest()  # fixed length, whatever the id
+        record = db.session().get(IdempotencyRecord, (caller, key))
         if record is None:
-            g.idempotency = (g.caller.key, key, fingerprint)
+            g.idempotency = (caller, key, fingerprint)
             return
         if record.fingerprint != fingerprint:
             raise errors.IdempotencyConflict()

@@ -168,7 +168,6 @@ def act(session: Session, rt: Runtime, order: Order, action: str, caller: Caller
     order.updated_at = now
     if target == "completed":
         order.completed_at = now
-        _bump_agent(session, order.agent_id, completed_orders=1)
     elif target == "cancelled":
         order.cancelled_at = now
     _timeline(order, action, source, target, caller, now, params.get("note"))
@@ -177,6 +176,8 @@ def act(session: Session, rt: Runtime, order: Order, action: str, caller: Caller
         event = "order.completed" if target == "completed" else "order.cancelled"
     _emit(session, rt, order, event, {"action": action, "from": source, "to": target,
                                       **_settlement(order, target, rt.settings)})
+    if target == "completed":  # last: this statement flushes the order's changes first, all in one UPDATE
+        _bump_agent(session, order.agent_id, completed_orders=1)
     return order
 
 

@@ -15,7 +15,7 @@ from shared.auth import Caller, require_service, sign_session
 from shared.db import isoformat, utcnow
 from shared.ids import looks_like
 from shared.money import format_usd
-from shared.web import ok, page
+from shared.web import ok, page, storable
 
 from . import present, services
 from . import schemas as s
@@ -70,7 +70,9 @@ def _decode_cursor(cursor: str | None):
         return None
     try:
         at, id_ = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return dt.datetime.fromisoformat(at.replace("Z", "+00:00")), str(id_)
+        if not isinstance(at, str) or not isinstance(id_, str) or not storable(id_):
+            raise ValueError("not a cursor of ours")
+        return dt.datetime.fromisoformat(at.replace("Z", "+00:00")), id_
     except (ValueError, TypeError):
         raise errors.ValidationError("Invalid cursor.", {"fields": {"cursor": ["Invalid cursor."]}}) from None
 
