@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +57,6 @@ class Settings:
     timer_sweep_seconds: float = 30.0
     # Logging.
     log_level: str = "INFO"
-    extra: dict = field(default_factory=dict)
 
     @property
     def orders_db(self) -> str:
@@ -79,8 +78,6 @@ def load(env: dict | None = None, **overrides) -> Settings:
     env = os.environ if env is None else env
     values = {}
     for f in dataclasses.fields(Settings):
-        if f.name == "extra":
-            continue
         raw = env.get(f.name.upper())
         if raw is None:
             continue

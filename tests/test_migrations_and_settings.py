@@ -27,3 +27,11 @@ def test_settings_come_from_the_environment():
 def test_a_malformed_setting_names_itself():
     with pytest.raises(ValueError, match="PLATFORM_FEE_BPS"):
         load({"PLATFORM_FEE_BPS": "ten percent"})
+
+
+def test_the_readme_documents_every_setting():
+    import dataclasses
+    from shared.settings import ROOT, Settings
+    readme = (ROOT / "README.md").read_text()
+    missing = [f.name.upper() for f in dataclasses.fields(Settings) if f"`{f.name.upper()}`" not in readme]
+    assert missing == []
