@@ -114,6 +114,17 @@ def make_app(migrated, redis_url):
         app.extensions["db"].engine.dispose()
 
 
+@pytest.fixture(scope="module")
+def module_app(migrated, redis_url):
+    """One app for a whole module whose tests each make their own orders (no wipe between tests)."""
+    from services.orders.app import create_app
+    app = create_app(load({}, database_url=migrated.url, redis_url=redis_url, rate_limits=False,
+                          log_level="WARNING"))
+    app.testing = True
+    yield app
+    app.extensions["db"].engine.dispose()
+
+
 @pytest.fixture
 def app(make_app):
     return make_app()

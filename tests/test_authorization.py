@@ -18,7 +18,6 @@ import pytest
 from sqlalchemy import inspect, text
 
 from shared.auth import sign_session
-from shared.settings import load
 from tests.support.api import ADMIN, ApiClient
 from tests.support.wallets import SolanaWallet
 
@@ -198,13 +197,8 @@ def assert_error(status: int, body, expected_status: int, expected_code: str, co
 
 
 @pytest.fixture(scope="module")
-def world(migrated, redis_url):
-    from services.orders.app import create_app
-    app = create_app(load({}, database_url=migrated.url, redis_url=redis_url, rate_limits=False,
-                          log_level="WARNING"))
-    app.testing = True
-    yield World(app)
-    app.extensions["db"].engine.dispose()
+def world(module_app):
+    return World(module_app)
 
 
 # --- the matrix ----------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings as hsettings, strategies as st
 from sqlalchemy import inspect, text
 
-from shared.settings import load
 from tests.support.api import ADMIN, ApiClient
 from tests.support.wallets import SolanaWallet
 
@@ -97,13 +96,8 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(migrated, redis_url):
-    from services.orders.app import create_app
-    app = create_app(load({}, database_url=migrated.url, redis_url=redis_url, rate_limits=False,
-                          log_level="WARNING"))
-    app.testing = True
-    yield World(app)
-    app.extensions["db"].engine.dispose()
+def world(module_app):
+    return World(module_app)
 
 
 def assert_refused(status, body, statuses, field=None, context=""):

@@ -211,19 +211,13 @@ CASES = [(s, a, who) for s in DESIGN_STATES for a in HTTP_ACTIONS for who in PEO
 
 
 @pytest.fixture(scope="module")
-def matrix_api(migrated, redis_url):
+def matrix_api(module_app):
     """One orders app for the 330 matrix cases (building an app per case would dominate the runtime).
 
     Built as the `make_app` fixture builds it. Every case makes its own agent, buyer and order, so
     the cases share no data; the tables are not wiped between cases (nothing here counts rows).
     """
-    from services.orders.app import create_app
-    from shared.settings import load
-    app = create_app(load({}, database_url=migrated.url, redis_url=redis_url, rate_limits=False,
-                          log_level="WARNING"))
-    app.testing = True
-    yield ApiClient(app)
-    app.extensions["db"].engine.dispose()
+    return ApiClient(module_app)
 
 
 @pytest.mark.parametrize("state,action,actor", CASES, ids=[f"{s}-{a}-by-{w}" for s, a, w in CASES])
