@@ -66,3 +66,12 @@ def test_the_cached_view_matches_a_fresh_rendering(api, app, db, redis_url):
     redis.Redis.from_url(redis_url).delete(f"orders:view:{order['id']}")
     fresh = api.ok("GET", f"/api/orders/{order['id']}", buyer)
     assert cached == fresh and fresh["review"]["rating"] == 5
+
+
+def test_a_writer_that_dies_before_storing_leaves_no_stale_view(api, app, monkeypatch):
+    agent, buyer, order = api.order_in("paid")
+    assert api.ok("GET", f"/api/orders/{order['id']}", buyer)["status"] == "paid"  # cached
+    views = app.extensions["order_views"]
+    monkeypatch.setattr(views, "_write", lambda order_id, args: None)  # dies between commit and store
+    api.ok("POST", f"/api/orders/{order['id']}/start", agent)
+    assert api.ok("GET", f"/api/orders/{order['id']}", buyer)["status"] == "in_progress"

@@ -1,9 +1,9 @@
 """Rendered order views in Redis, so reading an order costs one Redis call and no database query.
 
 Written through: every transaction that changes an order renders its views (buyer, agent, admin)
-before commit and stores them right after, with the order's version. A store only replaces an
-older version (compare-and-set in Lua), so a slow reader can never put back a stale view. Any
-failure falls back to the database; entries expire, bounding the damage of a lost write.
+and drops the cached ones before commit, and stores the new ones right after, with the order's
+version. A store only replaces an older version (compare-and-set in Lua), so a slow reader can
+never put back a stale view. Any Redis failure falls back to the database; entries expire.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from shared.db import after_commit
 from .models import Order
 
 log = logging.getLogger(__name__)
-TTL_SECONDS = 3600
+TTL_SECONDS = 600
 
 _STORE = """
 local current = redis.call('HGET', KEYS[1], 'version')
@@ -82,6 +82,12 @@ class OrderViews:
             except redis.RedisError:
                 pass
 
+    def _forget(self, order_ids: list[str]) -> None:
+        try:
+            self.client.delete(*[_key(oid) for oid in order_ids])
+        except redis.RedisError:
+            log.warning("could not drop cached order views", exc_info=True)
+
     def watch(self, factory: sessionmaker) -> None:
         """Render the views of every order a transaction changed, and store them once it commits."""
 
@@ -94,6 +100,9 @@ class OrderViews:
             known = session.info.pop("rendered_orders", {})
             rendered = {order.id: self._render(order, known.get((order.id, order.version)))
                         for order in changed.values()}
+            # drop the old views first: if this process dies between commit and store, readers
+            # fall back to the database instead of serving the old view until it expires
+            self._forget(list(rendered))
             after_commit(session, lambda: [self._write(oid, args) for oid, args in rendered.items()])
 
 
