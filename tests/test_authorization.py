@@ -118,29 +118,9 @@ class World:
 
     def order_in(self, state: str, agent=None, buyer=None, service=None) -> dict:
         """A fresh order of (agent, buyer) walked to `state` through the public API."""
-        api = self.api
         agent, buyer = agent or self.agent, buyer or self.buyer
         service = service or (self.quote_service if state == "pending_quote" else self.fixed_service)
-        order = api.order(buyer, service)
-        oid = order["id"]
-        steps = {"pending_quote": [], "quoted": [], "accepted": ["accept"], "paid": ["pay"],
-                 "in_progress": ["pay", "start"], "delivered": ["pay", "deliver"],
-                 "revision_requested": ["pay", "deliver", "revision"],
-                 "completed": ["pay", "deliver", "approve"], "disputed": ["pay", "deliver", "dispute"],
-                 "cancelled": ["cancel"]}[state]
-        for step in steps:
-            if step == "pay":
-                order = api.pay(buyer, oid)
-            elif step == "start":
-                order = api.ok("POST", f"/api/orders/{oid}/start", agent)
-            elif step == "deliver":
-                order = api.deliver(agent, oid)
-            elif step == "revision":
-                order = api.ok("PATCH", f"/api/orders/{oid}", buyer, json={"action": "revision", "feedback": "More."})
-            else:
-                order = api.ok("PATCH", f"/api/orders/{oid}", buyer, json={"action": step})
-        assert order["status"] == state, order
-        return order
+        return self.api.walk(agent, buyer, self.api.order(buyer, service), state)
 
     def snapshot(self, order: dict | None = None) -> dict:
         """Everything a refused request must leave alone: row counts, the order, both agents."""

@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,16 +18,11 @@ import requests
 from sqlalchemy import create_engine, text
 
 from shared.db import normalize_url
+from tests.support.net import free_port
 from tests.support.wallets import SolanaWallet
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +35,7 @@ def stack():
             conn.execute(text("DROP SCHEMA public CASCADE"))
             conn.execute(text("CREATE SCHEMA public"))
         engine.dispose()
-    ports = {name: _free_port() for name in ("ORDERS_PORT", "MESSAGING_PORT", "GATEWAY_PORT",
+    ports = {name: free_port() for name in ("ORDERS_PORT", "MESSAGING_PORT", "GATEWAY_PORT",
                                               "EMBEDDED_REDIS_PORT")}
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "ORDERS_URL",
                                                             "MESSAGING_URL")}

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import threading
 import time
 
@@ -14,7 +13,8 @@ from werkzeug.wrappers import Request, Response
 
 # The repo has no pytest config yet, so put its root on the path for `services`.
 
-from services.gateway.app import create_app  # noqa: E402
+from services.gateway.app import create_app
+from tests.support.net import free_port
 
 ORDERS_DOC = {
     "openapi": "3.0.3",
@@ -90,10 +90,7 @@ def serve(app) -> tuple[str, object]:
 
 
 def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 @pytest.fixture

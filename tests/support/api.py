@@ -97,23 +97,14 @@ class ApiClient:
         return agent, service, self.buyer()
 
     def order_in(self, state: str, price_type="fixed", **service_extra):
-        """(agent, buyer, order) with the order walked to `state` through the public API."""
+        """(agent, buyer, order) with a fresh order walked to `state` through the public API."""
         agent, service, buyer = self.setup("quote" if state == "pending_quote" else price_type, **service_extra)
-        order = self.order(buyer, service)
+        return agent, buyer, self.walk(agent, buyer, self.order(buyer, service), state)
+
+    def walk(self, agent: Party, buyer: Party, order: dict, state: str) -> dict:
+        """Take a just-placed order to `state` the way its buyer and agent would."""
         oid = order["id"]
-        steps = {
-            "pending_quote": [],
-            "quoted": ["quote"],
-            "accepted": ["quote", "accept"],
-            "paid": ["quote", "pay"],
-            "in_progress": ["quote", "pay", "start"],
-            "delivered": ["quote", "pay", "deliver"],
-            "revision_requested": ["quote", "pay", "deliver", "revision"],
-            "completed": ["quote", "pay", "deliver", "approve"],
-            "disputed": ["quote", "pay", "deliver", "dispute"],
-            "cancelled": ["cancel"],
-        }[state]
-        for step in steps:
+        for step in WALKS[state]:
             if step == "quote":
                 if order["status"] == "pending_quote":
                     order = self.ok("POST", f"/api/orders/{oid}/quote", agent, json={"price_usd": "45.00"})
@@ -123,12 +114,24 @@ class ApiClient:
                 order = self.ok("POST", f"/api/orders/{oid}/start", agent)
             elif step == "deliver":
                 order = self.deliver(agent, oid)
-            elif step == "accept":
-                order = self.ok("PATCH", f"/api/orders/{oid}", buyer, json={"action": "accept"})
             elif step == "revision":
                 order = self.ok("PATCH", f"/api/orders/{oid}", buyer,
                                 json={"action": "revision", "feedback": "More red."})
             else:
                 order = self.ok("PATCH", f"/api/orders/{oid}", buyer, json={"action": step})
         assert order["status"] == state, order
-        return agent, buyer, order
+        return order
+
+
+WALKS = {
+    "pending_quote": [],
+    "quoted": ["quote"],
+    "accepted": ["quote", "accept"],
+    "paid": ["quote", "pay"],
+    "in_progress": ["quote", "pay", "start"],
+    "delivered": ["quote", "pay", "deliver"],
+    "revision_requested": ["quote", "pay", "deliver", "revision"],
+    "completed": ["quote", "pay", "deliver", "approve"],
+    "disputed": ["quote", "pay", "deliver", "dispute"],
+    "cancelled": ["cancel"],
+}
