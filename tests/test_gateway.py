@@ -11,8 +11,6 @@ import requests
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-# The repo has no pytest config yet, so put its root on the path for `services`.
-
 from services.gateway.app import create_app
 from tests.support.net import free_port
 
