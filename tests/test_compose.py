@@ -9,9 +9,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# The repo has no pytest config yet, so put its root on the path for `services`.
-
-from services.processes import PROCESSES, Process  # noqa: E402
+from services.processes import PROCESSES, Process
 
 SERVICES = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
 NGINX = (ROOT / "deploy" / "nginx.conf").read_text()

@@ -5,10 +5,8 @@ from coincurve import PrivateKey, PublicKey
 from Crypto.Hash import keccak
 from hypothesis import given, settings, strategies as st
 
-# The repo has no pytest config yet, so put its root on the path for `services` and `tests.support`.
-
-from services.orders.wallets import SECP256K1_N, normalize_wallet, verify_signature  # noqa: E402
-from tests.support.wallets import BaseWallet, SolanaWallet  # noqa: E402
+from services.orders.wallets import SECP256K1_N, normalize_wallet, verify_signature
+from tests.support.wallets import BaseWallet, SolanaWallet
 
 # --- Known-answer vectors produced outside this code base -------------------------------------
 
