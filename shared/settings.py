@@ -55,6 +55,10 @@ class Settings:
     # Beat sweep periods (seconds).
     outbox_sweep_seconds: float = 5.0
     timer_sweep_seconds: float = 30.0
+    # Retention: how long replayable Idempotency-Key responses, and published events and fired
+    # timers, are kept before the hourly prune deletes them.
+    idempotency_ttl_seconds: int = 24 * 3600
+    retention_days: int = 30
     # Logging.
     log_level: str = "INFO"
 

@@ -1,6 +1,7 @@
 """The orders service's app factory: wires the database, auth, limits and the blueprints."""
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 
@@ -46,7 +47,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions.update(orders_runtime=runtime, redis=cache, order_views=views)
     db.init_app(app, on_commit_error=lambda exc: _commit_error(db, exc))
     _install_auth_and_limits(app, db, cache, settings)
-    _install_idempotency(app, db)
+    _install_idempotency(app, db, settings)
 
     @app.errorhandler(StaleDataError)
     def _stale(_exc):
@@ -141,7 +142,7 @@ def _resolve_caller(db: Database, settings: Settings) -> Caller:
     raise errors.Unauthenticated("Unknown credentials.")
 
 
-def _install_idempotency(app: Flask, db: Database) -> None:
+def _install_idempotency(app: Flask, db: Database, settings: Settings) -> None:
     """Same key and body: replay the first response. Same key, other body: 409."""
 
     @app.before_request
@@ -155,6 +156,10 @@ def _install_idempotency(app: Flask, db: Database) -> None:
                                      + request.get_data()).hexdigest()
         caller = hashlib.sha256(g.caller.key.encode()).hexdigest()  # fixed length, whatever the id
         record = db.session().get(IdempotencyRecord, (caller, key))
+        if record is not None and record.created_at < utcnow() - dt.timedelta(seconds=settings.idempotency_ttl_seconds):
+            db.session().delete(record)  # expired: this request starts afresh
+            db.session().flush()
+            record = None
         if record is None:
             g.idempotency = (caller, key, fingerprint)
             return

@@ -1,10 +1,12 @@
-"""The orders service's own background work: the outbox relay sweep and the timer sweep."""
+"""The orders service's own background work: the outbox relay, the timer sweep, the prune."""
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from functools import lru_cache
 
 import redis
+from sqlalchemy import delete
 
 from shared.celery_app import make_celery
 from shared.db import Database, utcnow
@@ -13,7 +15,7 @@ from shared.settings import load
 
 from . import services
 from .cache import OrderViews
-from .models import OutboxEvent
+from .models import IdempotencyRecord, OutboxEvent, Timer
 from .payments import make_verifier
 
 log = logging.getLogger(__name__)
@@ -22,6 +24,7 @@ app = make_celery("orders", settings)
 app.conf.beat_schedule = {
     "relay-outbox": {"task": "orders.relay_outbox", "schedule": settings.outbox_sweep_seconds},
     "fire-due-timers": {"task": "orders.fire_due_timers", "schedule": settings.timer_sweep_seconds},
+    "prune": {"task": "orders.prune", "schedule": 3600.0},
 }
 
 
@@ -69,3 +72,27 @@ def sweep_timers(db: Database, rt: services.Runtime, now=None) -> int:
         except Exception:
             log.exception("timer %s failed; it stays due and the next sweep retries it", timer_id)
     return fired
+
+
+@app.task(name="orders.prune", acks_late=True)
+def prune_task() -> dict:
+    db, rt = runtime()
+    return prune(db, rt.settings)
+
+
+def prune(db: Database, settings, now=None) -> dict:
+    """Delete what no one can use any more: expired idempotency records, old published events,
+    old fired timers. Unpublished events and pending timers are never touched."""
+    now = now or utcnow()
+    kept_since = now - dt.timedelta(days=settings.retention_days)
+    with db.transaction() as session:
+        counts = {
+            "idempotency_keys": session.execute(delete(IdempotencyRecord).where(
+                IdempotencyRecord.created_at < now - dt.timedelta(seconds=settings.idempotency_ttl_seconds))).rowcount,
+            "outbox_events": session.execute(delete(OutboxEvent).where(
+                OutboxEvent.published_at.is_not(None), OutboxEvent.published_at < kept_since)).rowcount,
+            "order_timers": session.execute(delete(Timer).where(
+                Timer.fired_at.is_not(None), Timer.fired_at < kept_since)).rowcount,
+        }
+    log.info("pruned %s", counts)
+    return counts

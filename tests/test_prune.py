@@ -1,0 +1,49 @@
+"""Old bookkeeping is pruned; anything still owed (unpublished events, pending timers) is kept."""
+import datetime as dt
+
+from sqlalchemy import func, select
+
+from services.orders.models import IdempotencyRecord, OutboxEvent, Timer
+from services.orders.tasks import prune
+from shared.db import utcnow
+
+
+def _count(db, model, *where):
+    with db.transaction() as session:
+        return session.scalar(select(func.count()).select_from(model).where(*where))
+
+
+def test_prune_keeps_what_is_owed_and_drops_what_is_old(api, app, db, settings):
+    agent, buyer, order = api.order_in("delivered")  # events (unpublished here), a pending auto_complete timer
+    api.call("POST", "/api/orders", buyer, json={"service_id": order["service_id"], "brief": "Another fox please"},
+             headers={"Idempotency-Key": "k1"})
+    app.extensions["orders_runtime"].outbox.relay()  # publish all events
+    events, timers = _count(db, OutboxEvent), _count(db, Timer)
+
+    assert prune(db, settings) == {"idempotency_keys": 0, "outbox_events": 0, "order_timers": 0}
+    later = utcnow() + dt.timedelta(days=settings.retention_days + 1)
+    counts = prune(db, settings, now=later)
+    assert counts["idempotency_keys"] == 1
+    assert counts["outbox_events"] == events  # all published, all old
+    # timers not yet fired are still owed, however old
+    assert counts["order_timers"] == 0 and _count(db, Timer) == timers
+    assert _count(db, Timer, Timer.fired_at.is_(None)) == timers
+
+
+def test_unpublished_events_survive_the_prune(api, db, settings):
+    api.order_in("quoted")
+    before = _count(db, OutboxEvent, OutboxEvent.published_at.is_(None))
+    assert before > 0
+    prune(db, settings, now=utcnow() + dt.timedelta(days=365))
+    assert _count(db, OutboxEvent, OutboxEvent.published_at.is_(None)) == before
+
+
+def test_an_expired_idempotency_key_starts_afresh(make_app):
+    from tests.support.api import ApiClient
+    api = ApiClient(make_app(idempotency_ttl_seconds=0))
+    agent, service, buyer = api.setup()
+    body = {"service_id": service["id"], "brief": "A drawing of a fox."}
+    first = api.call("POST", "/api/orders", buyer, json=body, headers={"Idempotency-Key": "k"})
+    again = api.call("POST", "/api/orders", buyer, json=body, headers={"Idempotency-Key": "k"})
+    assert first[1]["data"]["id"] != again[1]["data"]["id"]
+    assert _count(api.app.extensions["db"], IdempotencyRecord) == 1  # the expired record was replaced
