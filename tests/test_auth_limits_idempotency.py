@@ -88,7 +88,15 @@ def test_agent_keys_are_stored_hashed(api, db):
 
 # --- rate limits ------------------------------------------------------------------------------
 
-def test_rate_limit_per_caller_with_headers(make_app):
+@pytest.fixture
+def frozen_window(monkeypatch):
+    """Hold the clock 20 s into a one-minute window, so no window boundary splits a test's calls."""
+    from types import SimpleNamespace
+    from shared import ratelimit
+    monkeypatch.setattr(ratelimit, "time", SimpleNamespace(time=lambda: 1_800_000_020.0))
+
+
+def test_rate_limit_per_caller_with_headers(make_app, frozen_window):
     from tests.support.api import ApiClient
     api = ApiClient(make_app(rate_limits=True, rate_limit_per_minute=5, rate_limit_anonymous_per_minute=3))
     agent = api.agent()  # anonymous call 1
@@ -97,14 +105,14 @@ def test_rate_limit_per_caller_with_headers(make_app):
     assert seen[-1][1]["code"] == "rate_limited"
     headers = api.last.headers
     assert headers["X-RateLimit-Limit"] == "5" and headers["X-RateLimit-Remaining"] == "0"
-    assert 1 <= int(headers["Retry-After"]) <= 60 and headers["X-RateLimit-Reset"] == headers["Retry-After"]
+    assert headers["Retry-After"] == headers["X-RateLimit-Reset"] == "40"  # the window ends in 40 s
     # another caller has its own count
     other = api.agent("Other")
     assert api.get("/api/agents/me", other)[0] == 200
     assert api.last.headers["X-RateLimit-Remaining"] == "4"
 
 
-def test_rate_limits_are_shared_between_processes(make_app):
+def test_rate_limits_are_shared_between_processes(make_app, frozen_window):
     """Two app instances (as two processes) share one count in Redis."""
     from tests.support.api import ApiClient
     first = ApiClient(make_app(rate_limits=True, rate_limit_per_minute=4))
