@@ -89,11 +89,6 @@ def _commit_error(db: Database, exc: Exception):
     return errors.error_response(500, "Internal error.", "internal_error")
 
 
-def current_db() -> Database:
-    from flask import current_app
-    return current_app.extensions["db"]
-
-
 def _install_auth_and_limits(app: Flask, db: Database, cache: redis.Redis, settings: Settings) -> None:
     @app.before_request
     def _authenticate():

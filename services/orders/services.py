@@ -133,12 +133,25 @@ def list_orders(session: Session, *, client_wallet: str | None = None, agent_id:
         query = query.where(Order.agent_id == agent_id)
     if statuses:
         query = query.where(Order.status.in_(statuses))
-    if cursor is not None:
-        query = query.where(tuple_(Order.created_at, Order.id) < tuple_(*cursor))
     query = query.options(selectinload(Order.deliveries), selectinload(Order.revisions))  # one query each per page
-    rows = session.scalars(query.order_by(Order.created_at.desc(), Order.id.desc()).limit(limit + 1)).unique().all()
-    more = len(rows) > limit
-    return rows[:limit], (rows[limit - 1] if more else None)
+    return keyset_page(session, query, Order, cursor, limit)
+
+
+def list_services(session: Session, *, agent_id: str | None = None, cursor: tuple | None = None,
+                  limit: int = 20):
+    query = select(Service).where(Service.active.is_(True))
+    if agent_id:
+        query = query.where(Service.agent_id == agent_id)
+    return keyset_page(session, query, Service, cursor, limit)
+
+
+def keyset_page(session: Session, query, model, cursor: tuple | None, limit: int):
+    """Newest first: up to `limit` rows after `cursor` (created_at, id), and the row to continue
+    from when more follow (else None)."""
+    if cursor is not None:
+        query = query.where(tuple_(model.created_at, model.id) < tuple_(*cursor))
+    rows = session.scalars(query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)).unique().all()
+    return rows[:limit], (rows[limit - 1] if len(rows) > limit else None)
 
 
 def payment_instructions(order: Order, rt: Runtime) -> dict:

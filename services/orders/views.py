@@ -98,9 +98,12 @@ def _view_after_change(order: Order, caller: Caller) -> dict:
     return present.for_role(full, services.party_of(order, caller))
 
 
+def _cursor_after(last) -> str | None:
+    return _encode_cursor(last.created_at, last.id) if last is not None else None
+
+
 def _orders_page(rows, last, caller):
-    cursor = _encode_cursor(last.created_at, last.id) if last is not None else None
-    return ok(page([present.order(o, caller) for o in rows], cursor))
+    return ok(page([present.order(o, caller) for o in rows], _cursor_after(last)))
 
 
 # --- auth --------------------------------------------------------------------------------------
@@ -215,19 +218,9 @@ def create_service(data):
 @services_bp.arguments(s.ServiceQuery, location="query")
 @services_bp.response(200, s.envelope_of(s.ServiceOut, many_page=True))
 def list_services(query):
-    from sqlalchemy import select, tuple_
-    stmt = select(Service).where(Service.active.is_(True))
-    if query.get("agent_id"):
-        stmt = stmt.where(Service.agent_id == query["agent_id"])
-    cursor = _decode_cursor(query.get("cursor"))
-    if cursor:
-        stmt = stmt.where(tuple_(Service.created_at, Service.id) < tuple_(*cursor))
-    rows = _db().scalars(stmt.order_by(Service.created_at.desc(), Service.id.desc())
-                         .limit(query["limit"] + 1)).all()
-    more = len(rows) > query["limit"]
-    rows = rows[:query["limit"]]
-    return ok(page([present.service(r) for r in rows],
-                   _encode_cursor(rows[-1].created_at, rows[-1].id) if more else None))
+    rows, last = services.list_services(_db(), agent_id=query.get("agent_id"),
+                                        cursor=_decode_cursor(query.get("cursor")), limit=query["limit"])
+    return ok(page([present.service(r) for r in rows], _cursor_after(last)))
 
 
 @services_bp.route("/<service_id>", methods=["GET"])
