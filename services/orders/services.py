@@ -6,8 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from sqlalchemy import select, tuple_, update
-from sqlalchemy.orm import selectinload
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from shared import errors, logs
 from shared.auth import Caller, hash_secret, new_api_key, new_webhook_secret

@@ -72,7 +72,10 @@ def _decode_cursor(cursor: str | None):
         at, id_ = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         if not isinstance(at, str) or not isinstance(id_, str) or not storable(id_):
             raise ValueError("not a cursor of ours")
-        return dt.datetime.fromisoformat(at.replace("Z", "+00:00")), id_
+        at = dt.datetime.fromisoformat(at.replace("Z", "+00:00"))
+        if at.tzinfo is None:
+            raise ValueError("cursor time without a zone")
+        return at, id_
     except (ValueError, TypeError):
         raise errors.ValidationError("Invalid cursor.", {"fields": {"cursor": ["Invalid cursor."]}}) from None
 
