@@ -16,14 +16,11 @@ from shared import errors, ratelimit
 from shared.auth import Caller, bearer_token, is_admin_key, verify_session
 from shared.celery_app import make_celery
 from shared.db import Database, utcnow
-from shared.outbox import Outbox
 from shared.settings import Settings, load
 from shared.web import create_base_app
 
 from . import services
-from .cache import OrderViews
-from .models import IdempotencyRecord, OutboxEvent
-from .payments import make_verifier
+from .models import IdempotencyRecord
 
 log = logging.getLogger(__name__)
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -33,17 +30,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load()
     db = Database(settings.orders_db)
     cache = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
-    runtime = services.Runtime(settings, Outbox(OutboxEvent, make_celery("orders-web", settings), db,
-                                                      relay_task="orders.relay_outbox"),
-                               make_verifier(settings))
+    runtime, views = services.build_runtime(settings, db, make_celery("orders-web", settings), cache)
 
     def database_answers() -> bool:
         with db.engine.connect() as conn:
             return conn.execute(text("SELECT 1")).scalar() == 1
 
     app = create_base_app("orders", settings, {"database": database_answers, "redis": cache.ping})
-    views = OrderViews(cache)
-    views.watch(db.sessionmaker)
     app.extensions.update(orders_runtime=runtime, redis=cache, order_views=views)
     db.init_app(app, on_commit_error=lambda exc: _commit_error(db, exc))
     _install_auth_and_limits(app, db, cache, settings)

@@ -68,9 +68,9 @@ class OrderViews:
         views = [json.dumps(present.for_role(full, role), separators=(",", ":")) for role in ("buyer", "agent", "admin")]
         return [order.version, order.client_wallet, order.agent_id, *views, TTL_SECONDS]
 
-    def store(self, order: Order) -> None:
+    def store(self, order: Order, full: dict) -> None:
         """Store the views of an order as read from committed state (a miss being filled)."""
-        self._write(order.id, self._render(order))
+        self._write(order.id, self._render(order, full))
 
     def _write(self, order_id: str, args: list) -> None:
         try:

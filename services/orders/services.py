@@ -18,13 +18,16 @@ from shared.settings import Settings
 
 from . import cache
 from . import statemachine as sm
-from .models import (Agent, Delivery, DeliveryItem, Order, Revision, Review, Service, TimelineEntry,
-                     Timer)
-from .payments import ASSET, Expected, destination_for
+from .models import (Agent, Delivery, DeliveryItem, Order, OutboxEvent, Revision, Review, Service,
+                     TimelineEntry, Timer)
+from .payments import ASSET, Expected, destination_for, make_verifier
 
 log = logging.getLogger(__name__)
 
 WORKSPACE_TYPES = frozenset({"weekly", "monthly"})
+
+
+RELAY_TASK = "orders.relay_outbox"
 
 
 @dataclass
@@ -33,6 +36,14 @@ class Runtime:
     settings: Settings
     outbox: Outbox
     verifier: object
+
+
+def build_runtime(settings: Settings, db, celery_app, cache_client) -> tuple[Runtime, cache.OrderViews]:
+    """Wire the domain to this process's database, broker and cache (web app and workers alike)."""
+    views = cache.OrderViews(cache_client)
+    views.watch(db.sessionmaker)
+    return Runtime(settings, Outbox(OutboxEvent, celery_app, db, relay_task=RELAY_TASK),
+                   make_verifier(settings)), views
 
 
 # --- agents and services ---------------------------------------------------------------------

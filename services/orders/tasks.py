@@ -10,19 +10,16 @@ from sqlalchemy import delete
 
 from shared.celery_app import make_celery
 from shared.db import Database, utcnow
-from shared.outbox import Outbox
 from shared.settings import load
 
 from . import services
-from .cache import OrderViews
 from .models import IdempotencyRecord, OutboxEvent, Timer
-from .payments import make_verifier
 
 log = logging.getLogger(__name__)
 settings = load()
 app = make_celery("orders", settings)
 app.conf.beat_schedule = {
-    "relay-outbox": {"task": "orders.relay_outbox", "schedule": settings.outbox_sweep_seconds},
+    "relay-outbox": {"task": services.RELAY_TASK, "schedule": settings.outbox_sweep_seconds},
     "fire-due-timers": {"task": "orders.fire_due_timers", "schedule": settings.timer_sweep_seconds},
     "prune": {"task": "orders.prune", "schedule": 3600.0},
 }
@@ -31,11 +28,11 @@ app.conf.beat_schedule = {
 @lru_cache(maxsize=1)
 def runtime() -> tuple[Database, services.Runtime]:
     db = Database(settings.orders_db)
-    OrderViews(redis.Redis.from_url(settings.redis_url, socket_timeout=2)).watch(db.sessionmaker)
-    return db, services.Runtime(settings, Outbox(OutboxEvent, app, db, relay_task="orders.relay_outbox"), make_verifier(settings))
+    cache_client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    return db, services.build_runtime(settings, db, app, cache_client)[0]
 
 
-@app.task(name="orders.relay_outbox", acks_late=True)
+@app.task(name=services.RELAY_TASK, acks_late=True)
 def relay_outbox(ids: list[str] | None = None) -> int:
     """Relay the events a transaction just committed (ids), or sweep every unpublished one."""
     db, rt = runtime()

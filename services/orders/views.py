@@ -262,17 +262,16 @@ def list_my_orders(query):
 @orders_bp.response(200, s.envelope_of(s.OrderOut))
 def get_order(order_id):
     caller = _require("buyer", "agent", "admin")
-    if not looks_like("order", order_id):
-        raise errors.NotFound("No such order.")
     views = current_app.extensions["order_views"]
-    cached = views.fetch(order_id, caller)
+    cached = views.fetch(order_id, caller) if looks_like("order", order_id) else None
     if cached == STRANGER:
         raise errors.NotFound("No such order.")
     if cached is not None:
         return Response(b'{"success":true,"data":' + cached + b"}", mimetype="application/json")
     order = _order_for(order_id, caller)
-    views.store(order)  # the next read is served from the cache
-    return ok(present.order(order, caller))
+    full = present.full_order(order)
+    views.store(order, full)  # the next read is served from the cache
+    return ok(present.for_role(full, services.party_of(order, caller)))
 
 
 @orders_bp.route("/<order_id>", methods=["PATCH"])
