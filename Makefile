@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: run test bench clean
+.PHONY: run test bench bench-payouts reconcile clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,12 @@ test: $(STAMP)  ## the suite (PostgreSQL/Redis when DATABASE_URL/REDIS_URL are s
 
 bench: $(STAMP)  ## API throughput against a hello-world baseline (needs PostgreSQL: BENCH_DATABASE_URL)
 	$(PY) bench/api.py
+
+bench-payouts: $(STAMP)  ## payout latency against a bare Celery round trip, and drain time (needs PostgreSQL)
+	$(PY) bench/payouts.py
+
+reconcile: $(STAMP)  ## the ledger against the orders and the payout rail; exit 1 on any mismatch
+	$(PY) -m services.payouts.reconcile
 
 clean:
 	rm -rf var/

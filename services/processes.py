@@ -31,9 +31,9 @@ def web(name: str, app: str, port: int, workers: int = 2, threads: int = 4, kind
     return Process(name, argv, kind, port)
 
 
-def worker(queue: str, concurrency: int = 1) -> Process:
+def worker(queue: str, concurrency: int = 1, app: str = CELERY_APP) -> Process:
     argv = (
-        sys.executable, "-m", "celery", "-A", CELERY_APP, "worker", "-Q", queue, "-n", f"{queue}@%h",
+        sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue, "-n", f"{queue}@%h",
         "--concurrency", str(concurrency), "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle",
     )
     return Process(f"worker-{queue}", argv, "worker")
@@ -49,6 +49,7 @@ PROCESSES: list[Process] = [
     web("orders", "services.orders.wsgi:app", SETTINGS.orders_port),
     web("messaging", "services.messaging.wsgi:app", SETTINGS.messaging_port),
     worker("default"),
+    worker("payouts", concurrency=2, app="services.payouts.worker"),
     beat(),
     web("gateway", "services.gateway.wsgi:app", GATEWAY_PORT, workers=1, threads=16, kind="gateway"),
 ]

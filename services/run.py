@@ -95,11 +95,11 @@ def start_redis(env: dict) -> Child:
     return child
 
 
-def cli(command: str, env: dict) -> str:
-    done = subprocess.run([sys.executable, "-m", "services.orders.cli", command], cwd=ROOT, env=env,
+def run_module(module: str, env: dict, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
-        raise StartupError(f"`python -m services.orders.cli {command}` failed ({done.returncode}):\n"
+        raise StartupError(f"`python -m {' '.join((module, *args))}` failed ({done.returncode}):\n"
                            f"{done.stderr or done.stdout}")
     return done.stdout
 
@@ -179,14 +179,14 @@ def run(check: bool = False) -> int:
     try:
         if not env.get("REDIS_URL"):
             children.append(start_redis(env))
-        cli("migrate", env)
+        run_module("services.migrate", env)
         for process in PROCESSES:
             children.append(Child(process.name, process.argv, env, process.health_url))
             print(f"started {process.name} (pid {children[-1].proc.pid})")
         for child in children:
             if child.health_url:
                 wait_until(child, lambda: answers_http(child.health_url))
-        print(banner(cli("seed", env)), flush=True)
+        print(banner(run_module("services.orders.cli", env, "seed")), flush=True)
         if check:
             verify(children)
             print("check passed")

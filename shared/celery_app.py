@@ -8,8 +8,18 @@ from shared import events, logs
 from shared.settings import Settings
 
 
+class DuplicatingCelery(Celery):
+    """A test fault (`FAULT_DUPLICATE_MESSAGES`): every message is published twice, as a broker
+    may redeliver it. Consumers must not care."""
+
+    def send_task(self, *args, **kwargs):
+        super().send_task(*args, **kwargs)
+        return super().send_task(*args, **kwargs)
+
+
 def make_celery(name: str, settings: Settings, include: tuple[str, ...] = ()) -> Celery:
-    app = Celery(name, broker=settings.redis_url, include=list(include))
+    cls = DuplicatingCelery if settings.fault_duplicate_messages else Celery
+    app = cls(name, broker=settings.redis_url, include=list(include))
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

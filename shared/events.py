@@ -12,7 +12,7 @@ QUEUES = ("default", "media", "payouts", "workspaces", "webhooks")
 ORDER_EVENTS = frozenset({
     "order.created", "order.quoted", "order.accepted", "order.paid", "order.started",
     "order.delivered", "order.revision_requested", "order.disputed", "order.completed",
-    "order.cancelled",
+    "order.cancelled", "order.payout_sent", "order.payout_failed", "order.refund_sent", "order.refund_failed",
 })
 
 
@@ -24,8 +24,11 @@ class Subscription:
 
 
 SUBSCRIPTIONS = (
-    # money moves on completion (payout) and on cancellation of a paid order (refund)
-    Subscription("payouts.settle_order", "payouts", frozenset({"order.completed", "order.cancelled"})),
+    # escrow is funded on payment; money moves on completion (payout) and on cancellation of a
+    # paid order (refund); a failed payout can be retried; a blocked one resumes with a wallet
+    Subscription("payouts.settle_order", "payouts", frozenset({"order.paid", "order.completed", "order.cancelled"})),
+    Subscription("payouts.retry", "payouts", frozenset({"payout.retry_requested"})),
+    Subscription("payouts.resume_agent", "payouts", frozenset({"agent.payout_wallet_set"})),
     # agents hear about every order event
     Subscription("webhooks.deliver_event", "webhooks", ORDER_EVENTS),
 )

@@ -24,6 +24,7 @@ class Settings:
     database_url: str = ""
     orders_database_url: str = ""
     messaging_database_url: str = ""
+    payouts_database_url: str = ""
     redis_url: str = "redis://127.0.0.1:6390/0"
     # Ports of the processes `make run` starts.
     orders_port: int = 5001
@@ -48,6 +49,24 @@ class Settings:
     treasury_solana: str = "TreasurySo1ana11111111111111111111111111111"
     treasury_base: str = "0x000000000000000000000000000000000000dead"
     platform_fee_bps: int = 1000
+    # Chain verifiers (PAYMENT_VERIFIER=solana|base): JSON-RPC endpoints and the USDC token.
+    solana_rpc_url: str = "https://api.mainnet-beta.solana.com"
+    usdc_mint_solana: str = "EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v"
+    base_rpc_url: str = "https://mainnet.base.org"
+    usdc_contract_base: str = "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"
+    base_min_confirmations: int = 12
+    chain_rpc_timeout_seconds: float = 10.0
+    # Payouts and refunds.
+    payout_rail: str = "sandbox"
+    payout_max_attempts: int = 8
+    payout_retry_base_seconds: float = 5.0
+    payout_retry_max_seconds: float = 600.0
+    payout_sweep_seconds: float = 10.0
+    rail_timeout_seconds: float = 10.0
+    # Fault injection for the sandbox rail, for tests: e.g. "fail=3,timeout=1,ambiguous=2".
+    sandbox_rail_faults: str = ""
+    # Fault injection for tests: publish every queue message twice.
+    fault_duplicate_messages: bool = False
     # Durations (seconds) of the order timers.
     review_window_seconds: int = 48 * 3600
     quote_expiry_seconds: int = 7 * 24 * 3600
@@ -69,6 +88,10 @@ class Settings:
     @property
     def messaging_db(self) -> str:
         return self.messaging_database_url or self.database_url or f"sqlite:///{VAR / 'messaging.db'}"
+
+    @property
+    def payouts_db(self) -> str:
+        return self.payouts_database_url or self.database_url or f"sqlite:///{VAR / 'payouts.db'}"
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -60,21 +60,24 @@ def base_settings(database_url, redis_url):
 
 @pytest.fixture(scope="session")
 def migrated(base_settings):
-    """A fresh schema built by the migrations (so they are tested too)."""
-    from services.orders.cli import MIGRATIONS
+    """A fresh schema built by the migrations (so they are tested too): every service's tables,
+    all in the one test database."""
+    from services.migrate import targets
     from shared import migrate
     db = Database(base_settings.orders_db)
     if db.is_postgres:
         with db.engine.begin() as conn:
             conn.execute(text("DROP SCHEMA public CASCADE"))
             conn.execute(text("CREATE SCHEMA public"))
-    migrate.upgrade(MIGRATIONS, base_settings.orders_db)
+    for _service, folder, url in targets(base_settings):
+        migrate.upgrade(folder, url)
     yield db
     db.engine.dispose()
 
 
 def _wipe(db: Database) -> None:
-    tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
+    from services.payouts.models import Base as PayoutsBase
+    tables = [t.name for metadata in (Base.metadata, PayoutsBase.metadata) for t in reversed(metadata.sorted_tables)]
     with db.engine.begin() as conn:
         if db.is_postgres:
             conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))

@@ -46,6 +46,7 @@ MATRIX = {
     "POST /api/orders/{oid}/deliver":                ("paid",            403,  404,  200,  404,  401,  403, 401),
     "POST /api/orders/{oid}/review":                 ("completed",       201,  404,  403,  404,  401,  403, 401),
     "POST /api/admin/orders/{oid}/resolve":          ("disputed",        403,  403,  403,  403,  401,  200, 401),
+    "POST /api/admin/payouts/{pid}/retry":           ("payout_failed",   403,  403,  403,  403,  401,  202, 401),
     "GET /api/orders":                               (None,              200,  200,  403,  403,  401,  403, 401),
     "POST /api/orders":                              (None,              201,  201,  403,  403,  401,  403, 401),
     "GET /api/agents/{aid}/orders":                  ("paid",            403,  403,  200,  404,  401,  200, 401),
@@ -120,6 +121,10 @@ class World:
         """A fresh order of (agent, buyer) walked to `state` through the public API."""
         agent, buyer = agent or self.agent, buyer or self.buyer
         service = service or (self.quote_service if state == "pending_quote" else self.fixed_service)
+        if state == "payout_failed":  # completed, and the payouts worker gave up on the payout
+            order = self.api.walk(agent, buyer, self.api.order(buyer, service), "completed")
+            self.api.report_payout(order["id"], "payout", "failed", 5, error="The rail refused.")
+            return self.api.ok("GET", f"/api/orders/{order['id']}", ADMIN)
         return self.api.walk(agent, buyer, self.api.order(buyer, service), state)
 
     def snapshot(self, order: dict | None = None) -> dict:
@@ -192,7 +197,8 @@ def test_authorization_matrix(world, endpoint, caller):
     expected = dict(zip(CALLERS, statuses))[caller]
     method, template = parse(endpoint)
     order = world.order_in(state) if state else None
-    ids = {"oid": order["id"] if order else None, "aid": world.agent.id, "sid": world.fixed_service["id"]}
+    ids = {"oid": order["id"] if order else None, "aid": world.agent.id, "sid": world.fixed_service["id"],
+           "pid": (order.get("payout") or {}).get("id") if order else None}
     path = template.format(**ids)
     body = _body(world, endpoint, order)
     before = world.snapshot(order)
@@ -204,7 +210,8 @@ def test_authorization_matrix(world, endpoint, caller):
         assert world.snapshot(order) == before, f"{endpoint} as {caller} was refused but changed something"
         if expected == 404:
             # no existence leak: exactly what an id naming nothing gets
-            other = template.format(**{**ids, "oid": unknown_id("ord"), "aid": unknown_id("agt")})
+            other = template.format(**{**ids, "oid": unknown_id("ord"), "aid": unknown_id("agt"),
+                                       "pid": unknown_id("pay")})
             assert world.call(method, other, caller, body) == (status, resp), \
                 f"{endpoint} as {caller}: a stranger can tell this id exists"
         return
@@ -241,7 +248,7 @@ def test_matrix_covers_every_route_of_the_app(world):
     """A new route without a row here is an authorization decision nobody wrote down."""
     declared = {parse(e) for e in MATRIX}
     declared_paths = {(m, p.replace("{oid}", "<order_id>").replace("{aid}", "<agent_id>")
-                       .replace("{sid}", "<service_id>")) for m, p in declared}
+                       .replace("{sid}", "<service_id>").replace("{pid}", "<payout_id>")) for m, p in declared}
     missing = []
     for rule in world.app.url_map.iter_rules():
         if not rule.rule.startswith("/api/") or rule.rule == "/api/openapi.json":
@@ -292,7 +299,7 @@ def test_bad_tokens_are_401_on_every_endpoint_and_change_nothing(world, variant)
             orders[state] = world.order_in(state)
         order = orders.get(state)
         path = template.format(oid=order["id"] if order else None, aid=world.agent.id,
-                               sid=world.fixed_service["id"])
+                               sid=world.fixed_service["id"], pid=((order or {}).get("payout") or {}).get("id"))
         body = _body(world, endpoint, order)
         before = world.snapshot(order)
         status, resp = world.call(method, path, {"Authorization": authorization}, body)

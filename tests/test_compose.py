@@ -113,8 +113,8 @@ def test_python_services_share_one_image_and_wait_for_migrations(name):
         assert service["environment"]["REDIS_URL"] == "redis://redis:6379/0"
 
 
-def test_migrate_runs_the_orders_migrations():
-    assert argv_of(SERVICES["migrate"]["command"])[1:] == ["-m", "services.orders.cli", "migrate"]
+def test_migrate_runs_every_services_migrations():
+    assert argv_of(SERVICES["migrate"]["command"])[1:] == ["-m", "services.migrate"]
 
 
 def test_postgres_is_healthchecked_and_persistent():

@@ -2,7 +2,6 @@
 gateway), driven over HTTP through the gateway only."""
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -69,7 +68,8 @@ def stack():
     if seed is None:
         runner.kill()
         pytest.fail("the stack did not start:\n" + "".join(output) + (runner.stdout.read() or ""))
-    yield {"base": base, "seed": seed, "redis_url": redis_url, "runner": runner}
+    yield {"base": base, "seed": seed, "redis_url": redis_url, "runner": runner,
+           "env": {**env, "REDIS_URL": redis_url, "ORDERS_URL": f"http://127.0.0.1:{ports['ORDERS_PORT']}"}}
     runner.send_signal(signal.SIGTERM)
     try:
         assert runner.wait(30) == 0, "Ctrl-C/SIGTERM should stop everything cleanly"
@@ -152,18 +152,17 @@ def test_a_quote_order_from_placement_to_review_through_the_gateway(stack):
     profile = gw.ok("GET", f"/api/agents/{agent_id}")
     assert (profile["avg_rating"], profile["completed_orders"], profile["review_count"]) == ("5.00", 1, 1)
 
-    # the completion reached the payouts queue through the outbox (web relay or the beat sweep)
-    client = redis.Redis.from_url(stack["redis_url"])
-
-    def queued_completion():
-        for raw in client.lrange("payouts", 0, -1):
-            message = json.loads(raw)
-            event = json.loads(base64.b64decode(message["body"]))[0][0]
-            if event["order_id"] == oid and event["event"] == "order.completed":
-                return event
-        return None
-    event = _wait_for(queued_completion)
-    assert event and event["data"]["payout_due"]["amount_usd"] == "72.00"
+    # the completion reached the payouts worker through the outbox; this agent has no payout wallet
+    # yet, so the payout waits, blocked, and goes out by itself once the agent sets one
+    blocked = _wait_for(lambda: gw.ok("GET", f"/api/orders/{oid}", agent_key)["payout"]["status"] == "blocked",
+                        timeout=60)
+    assert blocked
+    gw.ok("PATCH", "/api/agents/me", agent_key,
+          json={"payout_wallet": SolanaWallet.generate().address, "payout_chain": "solana"})
+    payout = _wait_for(lambda: (p := gw.ok("GET", f"/api/orders/{oid}", agent_key)["payout"])["status"] == "sent"
+                       and p, timeout=60)
+    assert payout and (payout["amount_usd"], payout["fee_usd"]) == ("72.00", "8.00") and payout["tx_ref"]
+    assert gw.ok("GET", f"/api/orders/{oid}", buyer)["payout"] is None
 
 
 def test_a_fixed_price_order_through_dispute_and_split(stack):
@@ -186,6 +185,18 @@ def test_a_fixed_price_order_through_dispute_and_split(stack):
         "outcome": "split", "agent_amount_usd": "30.00", "buyer_amount_usd": "15.00", "note": "Half fixed"})
     assert resolved["status"] == "completed"
     assert resolved["timeline"][-1]["action"] == "resolve" and "split" in resolved["timeline"][-1]["note"]
+    # both parts go out: the agent's 30.00 less the fee, the buyer's 15.00
+    admin = seed["admin_api_key"]
+    done = _wait_for(lambda: (o := gw.ok("GET", f"/api/orders/{oid}", admin))["payout"]["status"] == "sent"
+                     and o["refund"]["status"] == "sent" and o, timeout=60)
+    assert done and (done["payout"]["amount_usd"], done["payout"]["fee_usd"]) == ("27.00", "3.00")
+    assert done["refund"]["amount_usd"] == "15.00"
+    assert gw.ok("GET", f"/api/orders/{oid}", buyer)["refund"]["status"] == "sent"
+    # and the books agree with the orders and the rail
+    reconciled = subprocess.run([sys.executable, "-m", "services.payouts.reconcile"], cwd=ROOT, env=stack["env"],
+                                capture_output=True, text=True, timeout=120)
+    assert reconciled.returncode == 0, reconciled.stdout + reconciled.stderr
+    assert "0 mismatches" in reconciled.stdout
 
 
 def test_beat_and_the_worker_auto_complete_after_the_review_window(stack):

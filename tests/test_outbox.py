@@ -48,12 +48,16 @@ def test_completion_event_reaches_the_payouts_queue_with_the_payout_due(api, app
     assert _relay_handed_off(app, redis_url) == 4  # each commit handed its events to the relay
     assert all(e.published_at is not None for e in _events(db, order["id"]))
 
-    payouts = [m for m in _queued(redis_url, "payouts") if m["headers"]["task"] == "payouts.settle_order"]
-    assert len(payouts) == 1
-    event = _body(payouts[0])[0][0]
-    assert event["event"] == "order.completed" and event["order_id"] == order["id"]
-    assert event["data"]["payout_due"] == {"agent_id": agent.id, "gross_usd": "45.00", "fee_usd": "4.50",
-                                           "amount_usd": "40.50"}
+    payouts = sorted((_body(m)[0][0] for m in _queued(redis_url, "payouts")
+                      if m["headers"]["task"] == "payouts.settle_order"), key=lambda e: e["sequence"])
+    # the payment funds the escrow; the completion pays the agent
+    assert [e["event"] for e in payouts] == ["order.paid", "order.completed"]
+    assert payouts[0]["data"]["held_usd"] == "45.00"
+    event = payouts[1]
+    assert event["order_id"] == order["id"]
+    payout_id = api.ok("GET", f"/api/orders/{order['id']}", agent)["payout"]["id"]
+    assert event["data"]["payout_due"] == {"id": payout_id, "agent_id": agent.id, "gross_usd": "45.00",
+                                           "fee_usd": "4.50", "amount_usd": "40.50"}
     # every order event is also queued for the agent's webhooks
     assert len([m for m in _queued(redis_url, "webhooks")]) == 4
 
@@ -63,7 +67,9 @@ def test_cancelling_a_paid_order_asks_for_the_refund(api, db):
     api.ok("PATCH", f"/api/orders/{order['id']}", buyer, json={"action": "cancel"})
     cancelled = _events(db, order["id"])[-1]
     assert cancelled.event == "order.cancelled"
-    assert cancelled.data["refund_due"] == {"wallet": buyer.id, "chain": "solana", "amount_usd": "45.00"}
+    refund_id = api.ok("GET", f"/api/orders/{order['id']}", buyer)["refund"]["id"]
+    assert cancelled.data["refund_due"] == {"id": refund_id, "wallet": buyer.id, "chain": "solana",
+                                            "amount_usd": "45.00"}
     assert "payout_due" not in cancelled.data
 
 

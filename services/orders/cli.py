@@ -24,9 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         migrate.upgrade(MIGRATIONS, settings.orders_db)
     elif args.command == "revision":
-        from alembic import command
-        command.revision(migrate.alembic_config(MIGRATIONS, settings.orders_db), message=args.message,
-                         autogenerate=True)
+        migrate.revision(MIGRATIONS, settings.orders_db, args.message)
     else:
         from .seed import seed
         print(json.dumps(seed(settings), indent=2))

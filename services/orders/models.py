@@ -72,6 +72,7 @@ class Order(Base):
     # how the held money was settled: agent part and buyer part, in cents
     settled_agent_cents: Mapped[int | None] = mapped_column(Integer)
     settled_buyer_cents: Mapped[int | None] = mapped_column(Integer)
+    settled_at = mapped_column(UTCDateTime(), index=True)  # when a paid order reached its end
     created_at = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
     updated_at = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
     version: Mapped[int] = mapped_column(Integer, nullable=False)
@@ -92,6 +93,9 @@ class Order(Base):
     revisions: Mapped[list["Revision"]] = relationship(
         order_by="Revision.number", lazy="select", cascade="all, delete-orphan")
     review: Mapped["Review | None"] = relationship(lazy="joined", uselist=False)
+    # the payout and/or refund of a settled order, as the payouts worker reports them
+    settlements: Mapped[list["Settlement"]] = relationship(
+        order_by="Settlement.kind", lazy="select", cascade="all, delete-orphan")
 
 
 class TimelineEntry(Base):
@@ -165,10 +169,29 @@ class Timer(Base):
     __table_args__ = (Index("ix_order_timers_due", "fired_at", "due_at"),)
 
 
+class Settlement(Base):
+    """The orders service's copy of a payout or refund: created pending when a paid order ends,
+    then updated by the payouts worker's reports (newer `version` wins)."""
+    __tablename__ = "order_settlements"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # the payout id (pay_...)
+    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # payout | refund
+    status: Mapped[str] = mapped_column(String(16))
+    amount_cents: Mapped[int] = mapped_column(Integer)
+    fee_cents: Mapped[int] = mapped_column(Integer, default=0)
+    tx_ref: Mapped[str | None] = mapped_column(String(128))
+    error: Mapped[str | None] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at = mapped_column(UTCDateTime(), nullable=False)
+    __table_args__ = (UniqueConstraint("order_id", "kind"),)
+
+
 class SandboxTransfer(Base):
-    """Play-money transfers for the sandbox payment verifier (and, later, the sandbox rail)."""
+    """Play money: buyers' payments for the sandbox verifier, and the sandbox payout rail's
+    transfers (those carry the rail call's idempotency key)."""
     __tablename__ = "sandbox_transfers"
     tx_hash: Mapped[str] = mapped_column(String(128), primary_key=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True, index=True)
     from_wallet: Mapped[str] = mapped_column(String(64))
     to_address: Mapped[str] = mapped_column(String(64))
     amount_cents: Mapped[int] = mapped_column(Integer)

@@ -10,6 +10,7 @@ from shared import errors
 from shared.db import utcnow
 from shared.settings import Settings
 
+from .chains import BaseVerifier, SolanaVerifier
 from .models import SandboxTransfer
 
 ASSET = "USDC"
@@ -32,9 +33,12 @@ class SandboxVerifier:
 
     name = "sandbox"
 
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings
+
     def verify(self, session: Session, tx_hash: str, expected: Expected) -> None:
         transfer = session.get(SandboxTransfer, tx_hash)
-        if transfer is None:
+        if transfer is None or transfer.idempotency_key is not None:  # a payout rail transfer pays no order
             raise errors.PaymentUnverified("No such transaction.", {"reason": "unknown_transaction"})
         problems = []
         if transfer.chain != expected.chain:
@@ -50,19 +54,21 @@ class SandboxVerifier:
                                            {"reason": "mismatch", "problems": problems})
 
 
-VERIFIERS = {"sandbox": SandboxVerifier}
+VERIFIERS = {"sandbox": SandboxVerifier, "solana": SolanaVerifier, "base": BaseVerifier}
 
 
 def make_verifier(settings: Settings):
     try:
-        return VERIFIERS[settings.payment_verifier]()
+        verifier = VERIFIERS[settings.payment_verifier]
     except KeyError:
         raise ValueError(f"PAYMENT_VERIFIER={settings.payment_verifier!r} is not one of {sorted(VERIFIERS)}") from None
+    return verifier(settings)
 
 
 def record_sandbox_transfer(session: Session, from_wallet: str, to: str, amount_cents: int, asset: str,
-                            chain: str) -> SandboxTransfer:
+                            chain: str, idempotency_key: str | None = None) -> SandboxTransfer:
     transfer = SandboxTransfer(tx_hash="sbx_" + secrets.token_hex(32), from_wallet=from_wallet, to_address=to,
-                               amount_cents=amount_cents, asset=asset, chain=chain, created_at=utcnow())
+                               amount_cents=amount_cents, asset=asset, chain=chain,
+                               idempotency_key=idempotency_key, created_at=utcnow())
     session.add(transfer)
     return transfer

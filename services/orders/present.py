@@ -7,7 +7,7 @@ from shared.auth import Caller
 from shared.db import isoformat
 from shared.money import format_usd
 
-from .models import Agent, Order, Review, Service
+from .models import Agent, Order, Review, Service, Settlement
 from .services import party_of
 
 
@@ -44,6 +44,11 @@ def order(o: Order, viewer: Caller) -> dict:
 
 def for_role(full: dict, role: str | None) -> dict:
     """What one party sees of the full (admin) view of an order."""
+    # the agent follows its payout, the buyer its refund (DESIGN.md §4)
+    if role == "buyer" and full["payout"] is not None:
+        full = dict(full, payout=None)
+    elif role == "agent" and full["refund"] is not None:
+        full = dict(full, refund=None)
     if role == "buyer" and full["status"] != "completed":
         # the buyer sees an image's original only once the order is completed (DESIGN.md §3)
         full = dict(full, deliveries=[
@@ -52,7 +57,16 @@ def for_role(full: dict, role: str | None) -> dict:
     return full
 
 
+def settlement(row: Settlement) -> dict:
+    out = {"id": row.id, "status": row.status, "amount_usd": format_usd(row.amount_cents), "tx_ref": row.tx_ref,
+           "error": row.error, "updated_at": isoformat(row.updated_at)}
+    if row.kind == "payout":
+        out["fee_usd"] = format_usd(row.fee_cents)
+    return out
+
+
 def full_order(o: Order) -> dict:
+    settlements = {row.kind: settlement(row) for row in (o.settlements if o.settled_at else ())}
     deliveries = [{
         "id": d.id, "number": d.number, "created_at": isoformat(d.created_at),
         "items": [{"id": i.id, "media_type": i.media_type, "title": i.title, "url": i.url,
@@ -68,8 +82,7 @@ def full_order(o: Order) -> dict:
         "revisions": [{"number": r.number, "feedback": r.feedback, "is_extra": r.is_extra,
                        "created_at": isoformat(r.created_at)} for r in (o.revisions if o.revision_count else ())],
         "workspace": None, "review": review(o.review),
-        # payout and refund records arrive with the payouts worker; until then none exists
-        "payout": None, "refund": None,
+        "payout": settlements.get("payout"), "refund": settlements.get("refund"),
         "timeline": [{"action": t.action, "from": t.from_status, "to": t.to_status, "actor_type": t.actor_type,
                       "actor_id": t.actor_id, "at": isoformat(t.at), "note": t.note} for t in o.timeline],
         "created_at": isoformat(o.created_at), "updated_at": isoformat(o.updated_at),

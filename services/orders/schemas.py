@@ -219,6 +219,36 @@ class SandboxTransferIn(Schema):
         return data
 
 
+# --- internal (service to service) ---------------------------------------------------------------
+
+class SettlementReportIn(Schema):
+    id = fields.Str(required=True, validate=validate.Length(min=1, max=32))
+    status = fields.Str(required=True, validate=validate.OneOf(("pending", "sent", "blocked", "failed")))
+    version = fields.Int(required=True, strict=True, validate=validate.Range(min=1, max=2**31 - 1))
+    tx_ref = fields.Str(allow_none=True, validate=validate.Length(max=128))
+    error = fields.Str(allow_none=True, validate=validate.Length(max=2000))
+    updated_at = fields.AwareDateTime(required=True)
+
+
+class SettledQuery(Schema):
+    since = fields.AwareDateTime(required=True)
+    after_id = fields.Str(validate=validate.Length(min=1, max=32))
+    limit = fields.Int(load_default=200, validate=validate.Range(min=1, max=1000))
+
+
+class RailTransferIn(Schema):
+    idempotency_key = fields.Str(required=True, validate=validate.Length(min=1, max=128))
+    to = fields.Str(required=True, validate=validate.Length(min=1, max=64))
+    amount_usd = Money(required=True, attribute="amount_cents")
+    asset = fields.Str(required=True, validate=validate.Length(min=1, max=16))
+    chain = fields.Str(required=True, validate=validate.OneOf(CHAINS))
+
+
+class RailListQuery(Schema):
+    after = fields.Str(validate=validate.Length(min=1, max=128))
+    limit = fields.Int(load_default=500, validate=validate.Range(min=1, max=1000))
+
+
 # --- outputs (documentation of the envelope's `data`) ------------------------------------------
 
 class AgentOut(Schema):
@@ -329,6 +359,16 @@ class ChallengeOut(Schema):
 class SessionOut(Schema):
     token = fields.Str()
     expires_at = fields.Str()
+
+
+class SettlementOut(Schema):
+    id = fields.Str()
+    status = fields.Str()
+    amount_usd = fields.Str()
+    fee_usd = fields.Str()
+    tx_ref = fields.Str(allow_none=True)
+    error = fields.Str(allow_none=True)
+    updated_at = fields.Str()
 
 
 class TransferOut(Schema):

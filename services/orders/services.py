@@ -18,7 +18,7 @@ from shared.settings import Settings
 
 from . import cache
 from . import statemachine as sm
-from .models import (Agent, Delivery, DeliveryItem, Order, OutboxEvent, Revision, Review, Service,
+from .models import (Agent, Delivery, DeliveryItem, Order, OutboxEvent, Revision, Review, Service, Settlement,
                      TimelineEntry, Timer)
 from .payments import ASSET, Expected, destination_for, make_verifier
 
@@ -58,9 +58,13 @@ def register_agent(session: Session, data: dict) -> tuple[Agent, str, str | None
     return agent, api_key, secret
 
 
-def update_agent(session: Session, agent: Agent, data: dict) -> str | None:
+def update_agent(session: Session, rt: Runtime, agent: Agent, data: dict) -> str | None:
     """Apply a profile change; returns a new webhook secret when an endpoint is first set."""
     secret = None
+    if data.get("payout_wallet") and (data["payout_wallet"], data.get("payout_chain")) != (
+            agent.payout_wallet, agent.payout_chain):
+        # payouts waiting for a destination resume as soon as there is one
+        rt.outbox.record(session, "agent.payout_wallet_set", {"agent_id": agent.id})
     for key in ("name", "payout_wallet", "payout_chain", "endpoint_url"):
         if key in data:
             setattr(agent, key, data[key].strip() if key == "name" else data[key])
@@ -197,8 +201,10 @@ def act(session: Session, rt: Runtime, order: Order, action: str, caller: Caller
     event = row.event
     if action == "resolve":
         event = "order.completed" if target == "completed" else "order.cancelled"
-    _emit(session, rt, order, event, {"action": action, "from": source, "to": target,
-                                      **_settlement(order, target, rt.settings)})
+    data = {"action": action, "from": source, "to": target, **_settlement(order, target, rt.settings, now)}
+    if action == "pay":  # the payouts worker funds the order's escrow from this
+        data["held_usd"] = format_usd(order.quoted_price_cents)
+    _emit(session, rt, order, event, data)
     if target == "completed":  # last: this statement flushes the order's changes first, all in one UPDATE
         _bump_agent(session, order.agent_id, completed_orders=1)
     return order
@@ -278,8 +284,9 @@ EFFECTS = {"quote": _quote, "pay": _pay, "deliver": _deliver, "revision": _revis
            "dispute": _with_reason, "decline": _with_reason, "resolve": _resolve}
 
 
-def _settlement(order: Order, target: str, settings: Settings) -> dict:
-    """What money the event asks to move: the payout and/or the refund due."""
+def _settlement(order: Order, target: str, settings: Settings, now: dt.datetime) -> dict:
+    """Settle a paid order that reached its end: record the payout and/or refund due (pending until
+    the payouts worker reports) and return what the event asks the payouts worker to move."""
     if target not in sm.TERMINAL or order.paid_at is None:
         return {}
     if order.settled_agent_cents is None:  # not resolved by an admin: all to one side
@@ -287,14 +294,30 @@ def _settlement(order: Order, target: str, settings: Settings) -> dict:
             order.settled_agent_cents, order.settled_buyer_cents = order.quoted_price_cents, 0
         else:
             order.settled_agent_cents, order.settled_buyer_cents = 0, order.quoted_price_cents
-    out = {"held_usd": format_usd(order.quoted_price_cents)}
+    order.settled_at = now
     if order.settled_agent_cents:
         fee = fee_cents(order.settled_agent_cents, settings.platform_fee_bps)
-        out["payout_due"] = {"agent_id": order.agent_id, "gross_usd": format_usd(order.settled_agent_cents),
-                             "fee_usd": format_usd(fee), "amount_usd": format_usd(order.settled_agent_cents - fee)}
+        order.settlements.append(Settlement(id=new_id("payout"), order_id=order.id, kind="payout", status="pending",
+                                            amount_cents=order.settled_agent_cents - fee, fee_cents=fee,
+                                            version=0, updated_at=now))
     if order.settled_buyer_cents:
-        out["refund_due"] = {"wallet": order.client_wallet, "chain": order.client_chain,
-                             "amount_usd": format_usd(order.settled_buyer_cents)}
+        order.settlements.append(Settlement(id=new_id("payout"), order_id=order.id, kind="refund", status="pending",
+                                            amount_cents=order.settled_buyer_cents, fee_cents=0,
+                                            version=0, updated_at=now))
+    return settlement_of(order)
+
+
+def settlement_of(order: Order) -> dict:
+    """The money a settled order moves, as the payouts worker reads it (event and catch-up alike)."""
+    out = {"held_usd": format_usd(order.quoted_price_cents)}
+    for row in order.settlements:
+        if row.kind == "payout":
+            out["payout_due"] = {"id": row.id, "agent_id": order.agent_id,
+                                 "gross_usd": format_usd(row.amount_cents + row.fee_cents),
+                                 "fee_usd": format_usd(row.fee_cents), "amount_usd": format_usd(row.amount_cents)}
+        else:
+            out["refund_due"] = {"id": row.id, "wallet": order.client_wallet, "chain": order.client_chain,
+                                 "amount_usd": format_usd(row.amount_cents)}
     return out
 
 
@@ -315,6 +338,60 @@ def _emit(session: Session, rt: Runtime, order: Order, event: str, data: dict) -
     rt.outbox.record(session, event, {"order_id": order.id, "agent_id": order.agent_id,
                                       "client_wallet": order.client_wallet, "status": order.status, **data},
                      order_id=order.id, sequence=order.event_sequence)
+
+
+# --- settlements: the payouts worker's reports, the catch-up feed, admin retry ----------------
+
+SETTLEMENT_EVENTS = {("payout", "sent"): "order.payout_sent", ("payout", "failed"): "order.payout_failed",
+                     ("refund", "sent"): "order.refund_sent", ("refund", "failed"): "order.refund_failed"}
+
+
+def apply_settlement_report(session: Session, rt: Runtime, order: Order, report: dict) -> bool:
+    """Take the payouts worker's news of a payout or refund; an older report than the one held is
+    ignored, so reports may arrive late, twice or out of order."""
+    row = next((r for r in order.settlements if r.id == report["id"]), None)
+    if row is None:
+        raise errors.NotFound("No such payout on this order.")
+    if report["version"] <= row.version:
+        return False
+    changed = row.status != report["status"]
+    row.status, row.version = report["status"], report["version"]
+    row.tx_ref, row.error = report.get("tx_ref"), report.get("error")
+    row.updated_at = report["updated_at"]
+    order.updated_at = utcnow()
+    cache.changed(session, order)
+    event = SETTLEMENT_EVENTS.get((row.kind, row.status))
+    if changed and event:
+        data = {"payout_id": row.id, "amount_usd": format_usd(row.amount_cents), "tx_ref": row.tx_ref}
+        if row.error:
+            data["error"] = row.error
+        _emit(session, rt, order, event, data)
+    return True
+
+
+def settled_orders(session: Session, since: dt.datetime, after: tuple | None, limit: int) -> list[Order]:
+    """Settled orders in (settled_at, id) order from `since` (then after the `after` key)."""
+    query = select(Order).where(Order.settled_at.is_not(None), Order.settled_at >= since)
+    if after is not None:
+        query = query.where(tuple_(Order.settled_at, Order.id) > tuple_(*after))
+    query = query.options(selectinload(Order.settlements)).order_by(Order.settled_at, Order.id).limit(limit)
+    return list(session.scalars(query).unique())
+
+
+def request_payout_retry(session: Session, rt: Runtime, payout_id: str) -> Settlement:
+    """An admin asks for another round of attempts at a failed payout or refund."""
+    row = session.scalar(select(Settlement).where(Settlement.id == payout_id).with_for_update())
+    if row is None:
+        raise errors.NotFound("No such payout.")
+    if row.status != "failed":
+        raise errors.InvalidTransition("Only a failed payout can be retried.", {"status": row.status})
+    order = session.scalar(select(Order).where(Order.id == row.order_id).with_for_update(of=Order))
+    row.status, row.error, row.updated_at = "pending", None, utcnow()
+    order.updated_at = row.updated_at
+    cache.changed(session, order)
+    rt.outbox.record(session, "payout.retry_requested", {"payout_id": row.id, "order_id": row.order_id},
+                     order_id=row.order_id)
+    return row
 
 
 # --- reviews and reputation -------------------------------------------------------------------

@@ -22,6 +22,9 @@ app.conf.beat_schedule = {
     "relay-outbox": {"task": services.RELAY_TASK, "schedule": settings.outbox_sweep_seconds},
     "fire-due-timers": {"task": "orders.fire_due_timers", "schedule": settings.timer_sweep_seconds},
     "prune": {"task": "orders.prune", "schedule": 3600.0},
+    # the payouts worker's own sweep, sent by name to its queue (one beat for the whole system)
+    "payouts-sweep": {"task": "payouts.sweep", "schedule": settings.payout_sweep_seconds,
+                      "options": {"queue": "payouts"}},
 }
 
 

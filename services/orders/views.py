@@ -7,8 +7,11 @@ import datetime as dt
 import json
 import secrets
 
-from flask import Blueprint as FlaskBlueprint, Response, current_app, g
+from flask import Blueprint as FlaskBlueprint, Response, current_app, g, request
 from flask_smorest import Blueprint
+from marshmallow import ValidationError as MarshmallowValidationError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from shared import errors
 from shared.auth import Caller, require_service, sign_session
@@ -21,8 +24,8 @@ from . import present, services
 from . import schemas as s
 from . import cache
 from .cache import STRANGER
-from .models import Agent, Order, Service
-from .payments import record_sandbox_transfer
+from .models import Agent, Order, SandboxTransfer, Service
+from .payments import destination_for, record_sandbox_transfer
 from .wallets import verify_signature
 
 auth_bp = Blueprint("auth", __name__, url_prefix="/api/auth", description="Buyer wallet login")
@@ -169,7 +172,7 @@ def register_agent(data):
 def update_me(data):
     caller = _require("agent")
     agent = _db().get(Agent, caller.id)
-    secret = services.update_agent(_db(), agent, data)
+    secret = services.update_agent(_db(), _rt(), agent, data)
     _db().flush()
     body = present.agent(agent, private=True)
     if secret:
@@ -341,6 +344,15 @@ def resolve(data, order_id):
     return _act(order_id, "resolve", data, ("admin",))
 
 
+@admin_bp.route("/payouts/<payout_id>/retry", methods=["POST"])
+@admin_bp.response(202, s.envelope_of(s.SettlementOut))
+def retry_payout(payout_id):
+    _require("admin")
+    if not looks_like("payout", payout_id):
+        raise errors.NotFound("No such payout.")
+    return ok(present.settlement(services.request_payout_retry(_db(), _rt(), payout_id)), 202)
+
+
 @sandbox_bp.route("/transfers", methods=["POST"])
 @sandbox_bp.arguments(s.SandboxTransferIn)
 @sandbox_bp.response(201, s.envelope_of(s.TransferOut))
@@ -367,3 +379,85 @@ def internal_order(order_id):
         raise errors.NotFound("No such order.")
     return ok({"id": order.id, "status": order.status, "client_wallet": order.client_wallet,
                "agent_id": order.agent_id, "paid": order.paid_at is not None})
+
+
+def _load(schema: type, data) -> dict:
+    try:
+        return schema().load(data if data is not None else {})
+    except MarshmallowValidationError as exc:
+        raise errors.ValidationError("The request is not valid.", {"fields": exc.normalized_messages()}) from None
+
+
+@internal.get("/agents/<agent_id>")
+def internal_agent(agent_id):
+    agent = _db().get(Agent, agent_id) if looks_like("agent", agent_id) else None
+    if agent is None:
+        raise errors.NotFound("No such agent.")
+    return ok({"id": agent.id, "payout_wallet": agent.payout_wallet, "payout_chain": agent.payout_chain})
+
+
+@internal.get("/settlements")
+def internal_settlements():
+    """Settled orders in settlement order: the payouts worker's catch-up feed for lost messages."""
+    query = _load(s.SettledQuery, request.args.to_dict())
+    after = (query["since"], query["after_id"]) if "after_id" in query else None
+    rows = services.settled_orders(_db(), query["since"], after, query["limit"])
+    return ok({"items": [{"order_id": o.id, "status": o.status, "agent_id": o.agent_id,
+                          "client_wallet": o.client_wallet, "settled_at": isoformat(o.settled_at),
+                          "reported": {r.kind: r.status for r in o.settlements},
+                          **services.settlement_of(o)} for o in rows]})
+
+
+@internal.post("/orders/<order_id>/settlements")
+def internal_settlement_report(order_id):
+    report = _load(s.SettlementReportIn, request.get_json(silent=True))
+    order = _db().scalar(select(Order).where(Order.id == order_id).with_for_update(of=Order)) \
+        if looks_like("order", order_id) else None
+    if order is None:
+        raise errors.NotFound("No such order.")
+    applied = services.apply_settlement_report(_db(), _rt(), order, report)
+    if applied:
+        _view_after_change(order, Caller("admin", "payouts"))
+    return ok({"applied": applied})
+
+
+@internal.post("/sandbox/rail")
+def internal_rail_send():
+    """The sandbox payout rail: one transfer per idempotency key, ever; a repeat returns the first."""
+    data = _load(s.RailTransferIn, request.get_json(silent=True))
+    existing = _db().scalar(select(SandboxTransfer).where(SandboxTransfer.idempotency_key == data["idempotency_key"]))
+    if existing is None:
+        try:
+            with _db().begin_nested():
+                existing = record_sandbox_transfer(_db(), destination_for(data["chain"], _rt().settings), data["to"],
+                                                   data["amount_cents"], data["asset"], data["chain"],
+                                                   idempotency_key=data["idempotency_key"])
+        except IntegrityError:  # the same key raced in from another call: that one stands
+            existing = _db().scalar(select(SandboxTransfer)
+                                    .where(SandboxTransfer.idempotency_key == data["idempotency_key"]))
+    return ok(_rail_record(existing), 201)
+
+
+@internal.get("/sandbox/rail/<path:key>")
+def internal_rail_lookup(key):
+    row = _db().scalar(select(SandboxTransfer).where(SandboxTransfer.idempotency_key == key)) if storable(key) else None
+    if row is None:
+        raise errors.NotFound("No transfer with this idempotency key.")
+    return ok(_rail_record(row))
+
+
+@internal.get("/sandbox/rail")
+def internal_rail_list():
+    query = _load(s.RailListQuery, request.args.to_dict())
+    stmt = select(SandboxTransfer).where(SandboxTransfer.idempotency_key.is_not(None))
+    if "after" in query:
+        stmt = stmt.where(SandboxTransfer.idempotency_key > query["after"])
+    rows = _db().scalars(stmt.order_by(SandboxTransfer.idempotency_key).limit(query["limit"])).all()
+    return ok(page([_rail_record(r) for r in rows],
+                   rows[-1].idempotency_key if len(rows) == query["limit"] else None))
+
+
+def _rail_record(row: SandboxTransfer) -> dict:
+    return {"tx_ref": row.tx_hash, "idempotency_key": row.idempotency_key, "from": row.from_wallet,
+            "to": row.to_address, "amount_usd": format_usd(row.amount_cents), "asset": row.asset,
+            "chain": row.chain, "created_at": isoformat(row.created_at)}

@@ -50,6 +50,20 @@ class ApiClient:
         assert status in (expect if isinstance(expect, tuple) else (expect,)), (status, body)
         return body["data"]
 
+    def internal(self, method, path, json=None, expect=(200, 201)):
+        """A service-to-service call, with the service credential."""
+        token = self.app.config["SETTINGS"].service_token
+        status, body = self.call(method, path, json=json, headers={"X-Service-Token": token})
+        assert status in (expect if isinstance(expect, tuple) else (expect,)), (status, body)
+        return body["data"]
+
+    def report_payout(self, order_id: str, kind: str, status: str, version: int, **extra) -> dict:
+        """What the payouts worker tells the orders service about an order's payout or refund."""
+        settlement = self.ok("GET", f"/api/orders/{order_id}", ADMIN)[kind]
+        return self.internal("POST", f"/internal/orders/{order_id}/settlements", json={
+            "id": settlement["id"], "status": status, "version": version,
+            "updated_at": "2026-11-29T10:00:00Z", **extra})
+
     # actors
     def agent(self, name="Agent Smith", **extra) -> Party:
         data = self.ok("POST", "/api/agents", json={"name": name, **extra})

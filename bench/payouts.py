@@ -1,0 +1,654 @@
+"""Payout latency and drain time of the payout path, against a bare Celery round trip (`bench/payouts.py`).
+
+Starts what carries a payout, the way services/processes.py starts it (the orders service under
+gunicorn, the `default` worker that relays the outbox, the `payouts` worker, beat), plus a no-op
+Celery worker (bench/noop_worker.py) on the same Redis, on a fresh PostgreSQL database. Seeds an
+agent with a payout wallet, a buyer and delivered orders through the HTTP API, then measures:
+
+1. payout latency: orders approved one at a time; from the approve's 200 answer to the client
+   seeing the payout `sent` in the `payouts` table (polled every 2 ms);
+2. the baseline: publish a no-op task, wait (BLPOP) until the worker has run it, one at a time;
+3. the ratio of the two medians, against the target (payout p50 at most 3 × the bare p50);
+4. drain: approve N orders as fast as a thread pool can, time until the last payout is `sent`.
+
+It reports, it does not gate: exit 0 whether or not the target is met, 1 if any request errored
+or any payout did not reach `sent`, 2 if the setup failed.
+
+Settings (environment): BENCH_DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/
+orderdesk_bench_payouts; dropped and migrated fresh each run), BENCH_REDIS_URL (default
+redis://127.0.0.1:6379/14; flushed before and after), LOG_LEVEL (the services', default WARNING).
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import noop_worker  # noqa: E402  (the baseline's queue, task and list names)
+from bench.api import Api, SetupError, flush_redis, free_port, loadavg, log, machine, vacuum_analyze  # noqa: E402
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/orderdesk_bench_payouts"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"  # not bench/api.py's 15: both may run at once
+TARGET_RATIO = 3.0  # payout p50 ≤ this × bare Celery round trip p50
+# Settings that would change the path measured: the sweeps stay at their defaults (so a payout
+# goes the event-driven way), no injected faults, and each service's database is the bench's.
+CLEARED = ("PAYOUT_SWEEP_SECONDS", "OUTBOX_SWEEP_SECONDS", "TIMER_SWEEP_SECONDS", "SANDBOX_RAIL_FAULTS",
+           "FAULT_DUPLICATE_MESSAGES", "PAYOUT_RAIL")
+STALL_SECONDS = 30.0  # a payout not sent after this (three sweeps) is reported as an error
+
+
+# --- processes -------------------------------------------------------------------------------
+
+class Proc:
+    """One process of the table in its own session, output to a log; stop() ends its whole group."""
+
+    def __init__(self, name: str, argv: list[str], env: dict, logdir: Path, health_url: str | None = None):
+        self.name, self.argv, self.env, self.health_url = name, argv, env, health_url
+        self.log = logdir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "wb") as log_file:
+            self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
+                                         stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def check(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise SetupError(f"{self.name} exited with {self.proc.returncode}; see {self.log}")
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        if not self.health_url:
+            return
+        parts = urlsplit(self.health_url)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check()
+            try:
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=2)
+                conn.request("GET", parts.path)
+                status = conn.getresponse().status
+                conn.close()
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise SetupError(f"{self.name} not ready after {timeout:.0f} s; see {self.log}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # graceful: gunicorn's master and Celery stop their children
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # its own session's group: children it failed to reap
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def replaced(argv: tuple[str, ...], option: str, value: str) -> list[str]:
+    out = list(argv)
+    out[out.index(option) + 1] = value
+    return out
+
+
+def processes(env: dict, logdir: Path, port: int) -> list[Proc]:
+    """The table's orders server, default and payouts workers and beat, exactly as `make run` starts
+    them except for the orders port and beat's schedule file; then the baseline worker, built by the
+    table's own worker() with the flags the brief fixes (concurrency 1)."""
+    from services import processes as table
+
+    by_name = {p.name: p for p in table.PROCESSES}
+    orders, default, payouts, beat = (by_name[n] for n in ("orders", "worker-default", "worker-payouts", "beat"))
+    noop = table.worker(noop_worker.QUEUE, concurrency=1, app="bench.noop_worker")
+    return [
+        Proc("orders", replaced(orders.argv, "--bind", f"127.0.0.1:{port}"), env, logdir,
+             f"http://127.0.0.1:{port}/healthz"),
+        Proc("worker-default", list(default.argv), env, logdir),
+        Proc("worker-payouts", list(payouts.argv), env, logdir),
+        Proc("beat", replaced(beat.argv, "--schedule", str(logdir / "celerybeat-schedule")), env, logdir),
+        Proc("worker-noop", list(noop.argv), env, logdir),
+    ]
+
+
+def describe(procs: list[Proc]) -> str:
+    def flag(argv, name, default="?"):
+        return argv[argv.index(name) + 1] if name in argv else default
+    parts = []
+    for p in procs:
+        if p.name == "orders":
+            parts.append(f"orders gunicorn {flag(p.argv, '--workers')}×{flag(p.argv, '--threads')} threads")
+        elif p.name.startswith("worker"):
+            parts.append(f"{p.name} -c {flag(p.argv, '--concurrency')}")
+        else:
+            parts.append(p.name)
+    return ", ".join(parts)
+
+
+# --- storage -------------------------------------------------------------------------------
+
+def plain(url: str) -> str:
+    """A libpq URL (no SQLAlchemy driver suffix) for psycopg."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme.split("+")[0], *parts[1:]))
+
+
+def fresh_database(url: str, env: dict) -> None:
+    """Drop and create the bench database, then build every service's tables with the migrations."""
+    import psycopg
+    from psycopg import sql
+
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    if not name or name in ("postgres", "template0", "template1"):
+        raise SetupError(f"BENCH_DATABASE_URL must name a database of its own, not {name!r}")
+    admin_url = urlunsplit((parts.scheme.split("+")[0], parts.netloc, "/postgres", parts.query, ""))
+    try:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except psycopg.Error as exc:
+        raise SetupError(f"cannot recreate database {name!r} at {parts.hostname}: {exc}") from exc
+    done = subprocess.run([sys.executable, "-m", "services.migrate"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SetupError(f"migrate failed:\n{done.stdout}{done.stderr}")
+
+
+class Tables:
+    """The bench's own autocommit connection, reading what the services wrote."""
+
+    def __init__(self, url: str):
+        import psycopg
+        self.conn = psycopg.connect(plain(url), autocommit=True)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def payout(self, order_id: str) -> tuple[str | None, object, bool]:
+        """(status, sent_at, reported to the orders service) of the order's payout; None before it exists."""
+        row = self.conn.execute(
+            "SELECT status, sent_at, reported_version >= version FROM payouts WHERE order_id = %s AND kind = 'payout'",
+            (order_id,), prepare=True).fetchone()
+        return row if row else (None, None, False)
+
+    def statuses(self) -> dict[str, int]:
+        return dict(self.conn.execute("SELECT status, count(*) FROM payouts GROUP BY status", prepare=True).fetchall())
+
+    def backlog(self) -> int:
+        """Work still in flight anywhere on the path: unpublished events, order events the payouts
+        worker has not taken, payouts not finished or not reported. 0 means the system is idle."""
+        return self.conn.execute("""
+            SELECT (SELECT count(*) FROM outbox_events WHERE published_at IS NULL)
+                 + (SELECT count(*) FROM outbox_events
+                    WHERE event IN ('order.paid', 'order.completed', 'order.cancelled'))
+                 - (SELECT count(*) FROM payouts_processed_events)
+                 + (SELECT count(*) FROM payouts WHERE status = 'pending' OR reported_version < version)
+        """).fetchone()[0]
+
+    def last_sent_at(self, order_ids: list[str]):
+        return self.conn.execute("SELECT max(sent_at) FROM payouts WHERE order_id = ANY(%s)",
+                                 (order_ids,)).fetchone()[0]
+
+    def timeline(self, order_ids: list[str]) -> dict[str, dict]:
+        """Per order, the path's timestamps (all from this machine's clock, UTC)."""
+        rows = self.conn.execute("""
+            SELECT p.order_id, e.created_at, e.published_at, pe.processed_at, p.created_at,
+                   rc.started_at, st.created_at, rc.finished_at, p.sent_at
+            FROM payouts p
+            JOIN outbox_events e ON e.order_id = p.order_id AND e.event = 'order.completed'
+            LEFT JOIN payouts_processed_events pe ON pe.id = e.id
+            LEFT JOIN rail_calls rc ON rc.payout_id = p.id AND rc.attempt = 1
+            LEFT JOIN sandbox_transfers st ON st.idempotency_key = 'payout:' || p.id
+            WHERE p.kind = 'payout' AND p.order_id = ANY(%s)
+        """, (order_ids,)).fetchall()
+        return {r[0]: dict(zip(MARKS, r[1:])) for r in rows}
+
+
+# (column, what happened then) in path order; offsets are printed from the approve's answer
+MARKS = ("event_created", "published", "settle_started", "payout_created", "send_started",
+         "transfer_recorded", "rail_answered", "sent")
+MARK_LABELS = {
+    "event_created": "order.completed written (approve's transaction)",
+    "answered": "approve answered 200 at the client",
+    "published": "relay published it to `payouts` (default worker)",
+    "settle_started": "payouts.settle_order started",
+    "payout_created": "payout row created (settle's ledger entry)",
+    "send_started": "payouts.send started (rail_calls.started_at)",
+    "transfer_recorded": "sandbox rail recorded the transfer (orders)",
+    "rail_answered": "rail answer taken (rail_calls.finished_at)",
+    "sent": "payout sent (payouts.sent_at, before commit)",
+    "observed": "seen `sent` by the client's poll",
+}
+
+
+def wait_idle(tables: Tables, procs: list[Proc], what: str, timeout: float = 300) -> None:
+    started = time.monotonic()
+    while (left := tables.backlog()) > 0:
+        for p in procs:
+            p.check()
+        if time.monotonic() - started > timeout:
+            raise SetupError(f"{what}: {left} item(s) still in flight after {timeout:.0f} s; see the worker logs")
+        time.sleep(0.05)
+    log(f"{what}: idle after {time.monotonic() - started:.1f} s")
+
+
+# --- seeding through the API -----------------------------------------------------------------
+
+class Seeder:
+    """An agent with a Solana payout wallet (else payouts are `blocked`), a fixed-price service and
+    a buyer session; then orders walked to `delivered` the way tests/support/api.py walks them."""
+
+    def __init__(self, port: int):
+        from tests.support.wallets import SolanaWallet
+
+        self.api = api = Api(port)
+        self.agent = api.call("POST", "/api/agents", body={
+            "name": "Bench Agent", "payout_wallet": SolanaWallet.generate().address,
+            "payout_chain": "solana"})["api_key"]
+        self.service = api.call("POST", "/api/services", self.agent, body={
+            "title": "Poster", "description": "A poster.", "price_type": "fixed", "price_usd": "45.00"})
+        self.wallet = wallet = SolanaWallet.generate()
+        challenge = api.call("POST", "/api/auth/challenge", body={"wallet": wallet.address, "chain": "solana"})
+        self.buyer = api.call("POST", "/api/auth/session", body={
+            "wallet": wallet.address, "chain": "solana", "nonce": challenge["nonce"],
+            "signature": wallet.sign(challenge["message"])})["token"]
+        self.payment: dict = {}
+
+    def one(self, _i=None) -> str:
+        api, buyer = self.api, self.buyer
+        order = api.call("POST", "/api/orders", buyer, {"service_id": self.service["id"], "brief": "Bench order."})
+        oid = order["id"]
+        if not self.payment:  # the same for every order of this service and buyer
+            self.payment.update(api.call("GET", f"/api/orders/{oid}/payment", buyer))
+        pay = self.payment
+        tx = api.call("POST", "/api/sandbox/transfers", body={
+            "from_wallet": self.wallet.address, "to": pay["destination"], "amount_usd": pay["amount_usd"],
+            "asset": pay["asset"], "chain": pay["chain"]})["tx_hash"]
+        api.call("PATCH", f"/api/orders/{oid}", buyer, {"action": "pay", "escrow_tx_hash": tx})
+        order = api.call("POST", f"/api/orders/{oid}/deliver", self.agent, {
+            "deliverables": [{"url": "https://example.com/result", "media_type": "link"}]})
+        if order["status"] != "delivered":
+            raise SetupError(f"seeding: order {oid} is {order['status']}, not delivered")
+        return oid
+
+    def orders(self, n: int, threads: int = 4) -> list[str]:
+        log(f"seeding {n} delivered orders through the API ...")
+        ids: list[str] = []
+        if not self.payment and n:
+            ids.append(self.one())  # fills `payment` before the threads start
+        started = time.monotonic()
+        pool = ThreadPoolExecutor(threads)
+        try:
+            for oid in pool.map(self.one, range(n - len(ids))):
+                ids.append(oid)
+                if len(ids) % 250 == 0:
+                    log(f"  {len(ids)}/{n} ({len(ids) / (time.monotonic() - started):.1f} orders/s)")
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        log(f"  seeded {n} in {time.monotonic() - started:.0f} s")
+        return ids
+
+
+# --- measurements ----------------------------------------------------------------------------
+
+class Errors:
+    def __init__(self):
+        self.count = 0
+        self.samples: list[str] = []
+
+    def add(self, what: str) -> None:
+        self.count += 1
+        if len(self.samples) < 5:
+            self.samples.append(what)
+
+
+def approve(api: Api, buyer: str, oid: str) -> None:
+    api.call("PATCH", f"/api/orders/{oid}", buyer, {"action": "approve"}, expect=(200,))
+
+
+@dataclass
+class Sample:
+    order_id: str
+    answered_at: float  # epoch seconds, right after the approve's 200
+    observed: float | None = None  # seconds until the client's poll saw `sent`
+    by_sent_at: float | None = None  # seconds until payouts.sent_at
+
+
+def payout_latency(api: Api, buyer: str, tables: Tables, ids: list[str], poll: float,
+                   errors: Errors) -> list[Sample]:
+    """Approve each order and wait for its payout to be `sent` before the next: latency, not
+    queueing. Before the next order it also waits for the payout's report to the orders service,
+    so one order's tail does not run into the next one's measurement."""
+    samples = []
+    for oid in ids:
+        try:
+            approve(api, buyer, oid)
+        except (SetupError, OSError, http.client.HTTPException) as exc:
+            errors.add(f"approve {oid}: {exc}")
+            continue
+        answered = time.perf_counter()
+        sample = Sample(oid, time.time())
+        samples.append(sample)
+        while True:
+            status, sent_at, reported = tables.payout(oid)
+            now = time.perf_counter()
+            if status == "sent" and sample.observed is None:
+                sample.observed = now - answered
+                sample.by_sent_at = sent_at.timestamp() - sample.answered_at
+            if sample.observed is not None and reported:
+                break
+            if status in ("failed", "blocked"):
+                errors.add(f"payout of {oid} is {status}")
+                break
+            if now - answered > STALL_SECONDS:
+                errors.add(f"payout of {oid} is {status or 'not created'} after {STALL_SECONDS:.0f} s")
+                break
+            time.sleep(poll)
+    return samples
+
+
+class Bare:
+    """The baseline: publish a no-op task with a Celery app built like the services' own, then
+    BLPOP until the worker has run it. One client and one Redis connection for the whole run."""
+
+    def __init__(self, redis_url: str, env: dict):
+        import redis
+
+        from shared.celery_app import make_celery
+        from shared.settings import load
+
+        self.client = make_celery("bench-client", load(env))
+        self.redis = redis.Redis.from_url(redis_url, socket_timeout=30)
+
+    def close(self) -> None:
+        self.client.close()
+        self.redis.close()
+
+    def trip(self, timeout: float = 10, alive=lambda: None) -> float | None:
+        """Seconds for one round trip, or None if the worker ran nothing within `timeout`."""
+        token = uuid.uuid4().hex
+        started = time.perf_counter()
+        self.client.send_task(noop_worker.TASK, args=[token], queue=noop_worker.QUEUE)
+        while True:
+            got = self.redis.blpop([noop_worker.DONE], timeout=1)
+            elapsed = time.perf_counter() - started
+            if got is not None:
+                if got[1].decode() == token:
+                    return elapsed
+                continue  # a late run of an earlier trip that timed out
+            alive()
+            if elapsed > timeout:
+                return None
+
+    def trips(self, n: int, errors: Errors) -> list[float]:
+        times = []
+        for i in range(n):
+            elapsed = self.trip()
+            if elapsed is None:
+                errors.add(f"no-op round trip {i}: not run within 10 s")
+            else:
+                times.append(elapsed)
+        return times
+
+
+def drain(seeder: Seeder, tables: Tables, ids: list[str], threads: int, errors: Errors) -> dict:
+    """Approve every order from a thread pool at once; time from the first approve until the last
+    of their payouts is `sent` (as the client sees it, polling)."""
+    api, buyer = seeder.api, seeder.buyer
+    before = tables.statuses()
+    failed_approves: list[str] = []
+
+    def one(oid):
+        try:
+            approve(api, buyer, oid)
+        except (SetupError, OSError, http.client.HTTPException) as exc:
+            failed_approves.append(oid)
+            errors.add(f"drain approve {oid}: {exc}")
+
+    wall, started = time.time(), time.perf_counter()
+    pool = ThreadPoolExecutor(threads)
+    futures = [pool.submit(one, oid) for oid in ids]
+    approved_in = None
+    last_change, last_sent, next_log = started, -1, started + 5
+    try:
+        while True:
+            now = time.perf_counter()
+            if approved_in is None and all(f.done() for f in futures):
+                approved_in = now - started
+            counts = tables.statuses()
+            sent = counts.get("sent", 0) - before.get("sent", 0)
+            stuck = sum(counts.get(s, 0) - before.get(s, 0) for s in ("failed", "blocked"))
+            if sent != last_sent:
+                last_sent, last_change = sent, now
+            if approved_in is not None and sent + stuck >= len(ids) - len(failed_approves):
+                break
+            if now - last_change > STALL_SECONDS:
+                errors.add(f"drain: no payout sent for {STALL_SECONDS:.0f} s ({sent}/{len(ids)} sent)")
+                break
+            if now >= next_log:
+                log(f"  {sent}/{len(ids)} sent after {now - started:.0f} s")
+                next_log += 5
+            time.sleep(0.01)
+        elapsed = time.perf_counter() - started
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if stuck:
+        errors.add(f"drain: {stuck} payout(s) failed or blocked")
+    last = tables.last_sent_at(ids)
+    return {"orders": len(ids), "sent": sent, "threads": threads, "seconds": elapsed,
+            "approved_in": approved_in or elapsed, "by_sent_at": (last.timestamp() - wall) if last else None}
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+def pct(values: list[float], p: float) -> float:
+    """The nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (figures not meaningful)")
+    parser.add_argument("--orders", type=int, help="orders for the latency figure (default 500, quick 20)")
+    parser.add_argument("--trips", type=int, help="bare no-op round trips (default 400, quick 40)")
+    parser.add_argument("--drain", type=int, help="orders approved at once for the drain (default 1000, quick 50)")
+    parser.add_argument("--threads", type=int, default=8, help="approving threads in the drain (default 8)")
+    parser.add_argument("--poll-ms", type=float, default=2.0, help="payout status poll interval (default 2)")
+    args = parser.parse_args(argv)
+    n_orders = args.orders if args.orders is not None else (20 if args.quick else 500)
+    n_trips = args.trips if args.trips is not None else (40 if args.quick else 400)
+    n_drain = args.drain if args.drain is not None else (50 if args.quick else 1000)
+    warm_orders = 3 if args.quick else 20
+    warm_trips = 10 if args.quick else 50
+    poll = args.poll_ms / 1000
+
+    database_url = os.environ.get("BENCH_DATABASE_URL", DEFAULT_DATABASE_URL)
+    redis_url = os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in CLEARED}
+    env.update(DATABASE_URL=database_url, ORDERS_DATABASE_URL=database_url, PAYOUTS_DATABASE_URL=database_url,
+               MESSAGING_DATABASE_URL=database_url, REDIS_URL=redis_url, ORDERS_URL=f"http://127.0.0.1:{port}",
+               RATE_LIMITS="off", LOG_LEVEL=os.environ.get("LOG_LEVEL", "WARNING"), PAYMENT_VERIFIER="sandbox",
+               PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    logdir = Path(tempfile.mkdtemp(prefix="orderdesk-bench-payouts-"))
+    procs = processes(env, logdir, port)
+    errors = Errors()
+    tables: Tables | None = None
+
+    def on_term(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_term)
+
+    failed = True
+    try:
+        load_before = loadavg()
+        log(f"machine: {machine()}; load average {load_before}")
+        log(f"database {database_url}, redis {redis_url}; logs in {logdir}")
+        fresh_database(database_url, env)
+        flush_redis(redis_url)
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.wait_ready()
+        tables = Tables(database_url)
+        wait_noop_worker(redis_url, env, procs[-1])
+
+        seeder = Seeder(port)
+        ids = seeder.orders(warm_orders + n_orders + n_drain)
+        warm, timed, drained = ids[:warm_orders], ids[warm_orders:warm_orders + n_orders], ids[warm_orders + n_orders:]
+        wait_idle(tables, procs, "after seeding")
+        vacuum_analyze(database_url)
+
+        log(f"warming up: {warm_orders} payouts, {warm_trips} no-op round trips ...")
+        payout_latency(seeder.api, seeder.buyer, tables, warm, poll, errors)
+        bare_round_trips(redis_url, env, warm_trips, errors)
+        # the baseline in two halves around the payouts, so both see the same machine
+        log(f"bare round trips 1/2 ({n_trips // 2}) ...")
+        bare = bare_round_trips(redis_url, env, n_trips // 2, errors)
+        log(f"payout latency over {n_orders} orders, one at a time ...")
+        observed, by_sent_at, answered_at = payout_latency(seeder.api, seeder.buyer, tables, timed, poll, errors)
+        log(f"bare round trips 2/2 ({n_trips - n_trips // 2}) ...")
+        bare += bare_round_trips(redis_url, env, n_trips - n_trips // 2, errors)
+        timeline = tables.timeline(timed)
+        load_mid = loadavg()
+
+        log(f"drain: approving {n_drain} orders with {args.threads} threads ...")
+        wait_idle(tables, procs, "before the drain")
+        drained_result = drain(seeder, tables, drained, args.threads, errors) if drained else None
+        for p in procs:
+            p.check()
+
+        load = f"{load_before} before, {load_mid} after the latency phase, {loadavg()} after (shared machine)"
+        report(args, procs, observed, by_sent_at, bare, timeline, answered_at, drained_result, errors, load, poll)
+        failed = errors.count > 0
+        return 1 if failed else 0
+    except SetupError as exc:
+        log(f"bench: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        log("bench: interrupted")
+        failed = False
+        return 130
+    except Exception:
+        import traceback
+        traceback.print_exc()
+        return 2
+    finally:
+        if tables is not None:
+            tables.close()
+        for p in reversed(procs):
+            p.stop()
+        try:
+            flush_redis(redis_url)  # among others, the webhooks queue's messages, which no worker consumes
+        except SetupError:
+            pass
+        if failed:
+            log(f"process logs kept in {logdir}")
+        else:
+            shutil.rmtree(logdir, ignore_errors=True)
+
+
+def report(args, procs, observed, by_sent_at, bare, timeline, answered_at, drained, errors, load, poll) -> None:
+    ms = 1000
+
+    def row(label, values):
+        if not values:
+            return f"{label:<34}  {'-':>7}"
+        return (f"{label:<34}  {statistics.median(values) * ms:>7.1f}  {pct(values, 99) * ms:>7.1f}  "
+                f"{statistics.fmean(values) * ms:>7.1f}  {max(values) * ms:>7.1f}  {len(values):>5}")
+
+    print()
+    print("Payout path: approve answered (200) -> payout `sent`, orders one at a time, against a bare")
+    print("Celery round trip (publish a no-op task, BLPOP until the worker ran it) on the same Redis")
+    if args.quick:
+        print("QUICK smoke run: the figures are not meaningful")
+    print(f"processes: {describe(procs)}")
+    print(f"machine: {machine()}; load average {load}")
+    print()
+    print(f"{'latency (ms)':<34}  {'p50':>7}  {'p99':>7}  {'mean':>7}  {'max':>7}  {'n':>5}")
+    print(row(f"payout, seen by polling ({poll * ms:g} ms)", observed))
+    print(row("payout, by payouts.sent_at", by_sent_at))
+    print(row("bare Celery no-op round trip", bare))
+    print()
+    if observed and bare:
+        ratio = statistics.median(observed) / statistics.median(bare)
+        verdict = "PASS" if ratio <= TARGET_RATIO else "ABOVE"
+        print(f"{'ratio payout p50 / bare p50':<34}  {ratio:>7.2f}  target <= {TARGET_RATIO:.2f}  {verdict}")
+        print()
+
+    if timeline:
+        print("where the time goes (ms from the approve's answer at the client; median over the orders,")
+        print("and the median of each step since the previous line):")
+        offsets: dict[str, list[float]] = {}
+        steps: dict[str, list[float]] = {}
+        order = ["event_created", "answered", *MARKS[1:], "observed"]
+        seen = dict(zip([o for o in answered_at if o in timeline], observed))  # timed orders in order
+        for oid, marks in timeline.items():
+            if oid not in answered_at:
+                continue
+            t = {k: v.timestamp() for k, v in marks.items() if v is not None}
+            t["answered"] = answered_at[oid]
+            if oid in seen:
+                t["observed"] = answered_at[oid] + seen[oid]
+            previous = None
+            for mark in order:
+                if mark not in t:
+                    continue
+                offsets.setdefault(mark, []).append(t[mark] - answered_at[oid])
+                if previous is not None:
+                    steps.setdefault(mark, []).append(t[mark] - t[previous])
+                previous = mark
+        print(f"  {'':<50}  {'at':>7}  {'step':>7}  {'step p99':>8}")
+        for mark in order:
+            if mark in offsets:
+                step = steps.get(mark)
+                step_text = f"{statistics.median(step) * ms:>7.1f}  {pct(step, 99) * ms:>8.1f}" if step else ""
+                print(f"  {MARK_LABELS[mark]:<50}  {statistics.median(offsets[mark]) * ms:>7.1f}  {step_text}")
+        print()
+
+    if drained:
+        rate = drained["sent"] / drained["seconds"] if drained["seconds"] else 0.0
+        print(f"drain: {drained['orders']} orders approved at once ({drained['threads']} threads; all answered "
+              f"after {drained['approved_in']:.1f} s)")
+        print(f"  last payout seen sent after {drained['seconds']:.1f} s: {rate:.1f} payouts/s "
+              f"({drained['sent']}/{drained['orders']} sent)")
+        if drained["by_sent_at"] is not None:
+            print(f"  (by payouts.sent_at: {drained['by_sent_at']:.1f} s)")
+        print()
+    if errors.count:
+        print(f"ERRORS: {errors.count}, e.g.:")
+        for sample in errors.samples:
+            print(f"  {sample}")
+    else:
+        print("errors: none")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

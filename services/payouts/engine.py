@@ -1,0 +1,322 @@
+"""What the payouts worker does, without Celery: record settlements, send payouts, report back.
+
+Exactly once comes from three keys, not from the queue: a settlement is recorded once per order
+(the ledger key `settle:<order>` and one payout row per order and kind), a payout moves money
+once (every rail call carries the payout's key, and an unclear outcome is asked about, never
+paid again), and the ledger records a sent payout once (`sent:<payout>`). Messages may be lost,
+duplicated or redelivered after a kill; the sweep re-reads what the database says is unfinished.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared.db import Database, isoformat, utcnow
+from shared.internal import InternalClient, InternalError, Unavailable
+from shared.money import parse_usd
+from shared.settings import Settings
+
+from . import ledger
+from .models import Payout, ProcessedEvent, RailCall, SyncState
+from .rails import PayoutRail, RailAmbiguous, RailError, RailRejected, RailUnavailable
+
+log = logging.getLogger(__name__)
+
+# a claimed payout is not picked up again before this: the attempt is still running (or died)
+def lease_seconds(settings: Settings) -> float:
+    return 2 * settings.rail_timeout_seconds + 5
+
+
+@dataclass
+class Engine:
+    settings: Settings
+    db: Database
+    orders: InternalClient
+    rail: PayoutRail
+
+    # --- settlements ---------------------------------------------------------------------
+
+    def take_event(self, message: dict) -> list[str]:
+        """Take one order event (idempotent by event id); returns the payouts now due to send."""
+        data = message.get("data") or {}
+        with self.db.transaction() as session:
+            if session.get(ProcessedEvent, message["id"]) is not None:
+                return []
+            try:
+                with session.begin_nested():
+                    session.add(ProcessedEvent(id=message["id"], processed_at=utcnow()))
+            except IntegrityError:  # the same message is being taken by another worker
+                return []
+            if message["event"] == "order.paid":
+                fund(session, data["order_id"], data["client_wallet"], parse_usd(data["held_usd"]))
+                return []
+            return settle(session, data)
+
+    def catch_up(self, overlap_seconds: float = 120.0, page: int = 500) -> int:
+        """Read the orders service's feed of settled orders and record whatever a lost message
+        left out. Re-reads a short overlap each time: a slow transaction may commit out of order."""
+        with self.db.transaction() as session:
+            state = session.get(SyncState, "settlements")
+            since = (state.at - dt.timedelta(seconds=overlap_seconds)) if state else dt.datetime(
+                2000, 1, 1, tzinfo=dt.timezone.utc)
+        recorded, after_id, newest = 0, None, None
+        while True:
+            params = {"since": isoformat(since), "limit": page}
+            if after_id:
+                params["after_id"] = after_id
+            items = self.orders.get("/internal/settlements", params)["items"]
+            if not items:
+                break
+            with self.db.transaction() as session:
+                known = set(session.scalars(select(Payout.order_id).where(
+                    Payout.order_id.in_([i["order_id"] for i in items]))))
+                for item in items:
+                    if item["order_id"] not in known and ("payout_due" in item or "refund_due" in item):
+                        due = settle(session, item)
+                        recorded += bool(due)
+            last = items[-1]
+            since, after_id = _parse_time(last["settled_at"]), last["order_id"]
+            newest = since
+            if len(items) < page:
+                break
+        if newest is not None:
+            with self.db.transaction() as session:
+                state = session.get(SyncState, "settlements")
+                if state is None:
+                    session.add(SyncState(name="settlements", at=newest))
+                elif newest > state.at:
+                    state.at = newest
+        return recorded
+
+    # --- sending -------------------------------------------------------------------------
+
+    def send(self, payout_id: str, now: dt.datetime | None = None) -> str:
+        """One attempt at a payout, if it is due. Returns its status afterwards."""
+        now = now or utcnow()
+        with self.db.transaction() as session:
+            payout = session.get(Payout, payout_id)
+            if payout is None:
+                return "unknown"
+            if payout.status in ("sent", "failed") or not _due(payout, now):
+                return payout.status
+            kind, agent_id = payout.kind, payout.agent_id
+            destination, chain = payout.destination, payout.chain
+        if kind == "payout":
+            try:  # the agent's wallet as it is now: it may have been set or changed since
+                agent = self.orders.get(f"/internal/agents/{agent_id}")
+                destination, chain = agent["payout_wallet"], agent["payout_chain"]
+            except (Unavailable, InternalError) as exc:
+                log.warning("payout %s: cannot read the agent's wallet (%s); retrying later", payout_id, exc)
+                self._postpone(payout_id, now, str(exc))
+                return "pending"
+
+        with self.db.transaction() as session:  # claim the attempt
+            payout = _locked(session, self.db, payout_id)
+            if payout.status in ("sent", "failed") or not _due(payout, now):
+                return payout.status
+            if not destination:
+                if payout.status != "blocked":
+                    _change(payout, now, status="blocked", last_error="The agent has no payout wallet yet.")
+                return "blocked"
+            payout.destination, payout.chain = destination, chain
+            payout.attempts += 1
+            payout.status = "pending"
+            payout.next_attempt_at = now + dt.timedelta(seconds=lease_seconds(self.settings))
+            call = RailCall(payout_id=payout.id, idempotency_key=payout.rail_key, attempt=payout.attempts,
+                            outcome="started", started_at=now)
+            session.add(call)
+            session.flush()
+            call_id, key, amount = call.id, payout.rail_key, payout.amount_cents
+
+        outcome, transfer, error = "sent", None, None
+        try:
+            transfer = self.rail.send(key, destination, amount, chain)
+        except RailAmbiguous as exc:
+            error = str(exc)
+            try:
+                transfer = self.rail.lookup(key)
+                outcome = "found" if transfer else "ambiguous"
+            except RailError as lookup_exc:
+                outcome, error = "ambiguous", f"{exc}; asking the rail failed: {lookup_exc}"
+        except RailRejected as exc:
+            outcome, error = "rejected", str(exc)
+        except RailUnavailable as exc:
+            outcome, error = "failed", str(exc)
+        return self._finish(payout_id, call_id, outcome, transfer, error)
+
+    def _finish(self, payout_id: str, call_id: int, outcome: str, transfer, error: str | None) -> str:
+        now = utcnow()
+        with self.db.transaction() as session:
+            payout = _locked(session, self.db, payout_id)
+            call = session.get(RailCall, call_id)
+            call.outcome, call.error, call.finished_at = outcome, error, now
+            call.tx_ref = transfer.tx_ref if transfer else None
+            if payout.status == "sent":
+                return "sent"
+            if transfer is not None:
+                record_sent(session, payout, transfer.tx_ref, now)
+                return "sent"
+            if outcome == "rejected" or payout.attempts >= self.settings.payout_max_attempts:
+                _change(payout, now, status="failed", last_error=error, next_attempt_at=None)
+                log.error("payout %s failed after %d attempts: %s", payout.id, payout.attempts, error)
+                return "failed"
+            delay = backoff(payout.attempts, self.settings)
+            _change(payout, now, status="pending", last_error=error,
+                    next_attempt_at=now + dt.timedelta(seconds=delay))
+            log.warning("payout %s attempt %d: %s; next in %.1f s", payout.id, payout.attempts, error, delay)
+            return "pending"
+
+    def _postpone(self, payout_id: str, now: dt.datetime, error: str) -> None:
+        with self.db.transaction() as session:
+            payout = _locked(session, self.db, payout_id)
+            if payout.status in ("pending", "blocked"):
+                payout.next_attempt_at = now + dt.timedelta(seconds=backoff(1, self.settings))
+                payout.last_error = error
+
+    def retry(self, payout_id: str) -> bool:
+        """An admin's retry of a failed payout: a fresh round of attempts."""
+        with self.db.transaction() as session:
+            payout = _locked(session, self.db, payout_id)
+            if payout is None or payout.status != "failed":
+                return False
+            _change(payout, utcnow(), status="pending", attempts=0, next_attempt_at=None, last_error=None)
+            return True
+
+    # --- reporting to the orders service --------------------------------------------------
+
+    def report(self, payout_id: str) -> bool:
+        with self.db.transaction() as session:
+            payout = session.get(Payout, payout_id)
+            if payout is None or payout.reported_version >= payout.version:
+                return True
+            body = {"id": payout.id, "status": payout.status, "version": payout.version, "tx_ref": payout.tx_ref,
+                    "error": payout.last_error if payout.status != "sent" else None,
+                    "updated_at": isoformat(payout.updated_at)}
+            order_id, version = payout.order_id, payout.version
+        try:
+            self.orders.post(f"/internal/orders/{order_id}/settlements", body)
+        except (Unavailable, InternalError) as exc:
+            log.warning("payout %s: report to orders failed (%s); the sweep sends it again", payout_id, exc)
+            return False
+        with self.db.transaction() as session:
+            session.execute(update(Payout).where(Payout.id == payout_id, Payout.reported_version < version)
+                            .values(reported_version=version))
+        return True
+
+    # --- the sweep's queries ----------------------------------------------------------------
+
+    def due_ids(self, now: dt.datetime, limit: int = 500) -> list[str]:
+        with self.db.transaction() as session:
+            return list(session.scalars(select(Payout.id).where(
+                Payout.status == "pending",
+                (Payout.next_attempt_at.is_(None)) | (Payout.next_attempt_at <= now))
+                .order_by(Payout.created_at).limit(limit)))
+
+    def unreported_ids(self, limit: int = 500) -> list[str]:
+        with self.db.transaction() as session:
+            return list(session.scalars(select(Payout.id).where(Payout.reported_version < Payout.version)
+                                        .order_by(Payout.updated_at).limit(limit)))
+
+    def blocked_ids(self, agent_id: str | None = None) -> list[str]:
+        with self.db.transaction() as session:
+            query = select(Payout.id).where(Payout.status == "blocked")
+            if agent_id:
+                query = query.where(Payout.agent_id == agent_id)
+            return list(session.scalars(query.order_by(Payout.created_at)))
+
+    def blocked_agents(self) -> list[str]:
+        with self.db.transaction() as session:
+            return list(session.scalars(select(Payout.agent_id).where(Payout.status == "blocked").distinct()))
+
+    def unblock(self, payout_ids: list[str]) -> list[str]:
+        """Make blocked payouts due now (their agent may have a wallet); returns those changed."""
+        changed = []
+        with self.db.transaction() as session:
+            for payout in session.scalars(select(Payout).where(Payout.id.in_(payout_ids), Payout.status == "blocked")):
+                payout.next_attempt_at = None
+                changed.append(payout.id)
+        return changed
+
+
+# --- recording (inside a transaction) ----------------------------------------------------------
+
+def fund(session: Session, order_id: str, wallet: str, held_cents: int) -> None:
+    """The buyer's payment now sits in the order's escrow."""
+    ledger.post(session, f"fund:{order_id}", order_id, "fund",
+                {ledger.buyer_wallet(wallet): -held_cents, ledger.escrow(order_id): held_cents})
+
+
+def settle(session: Session, data: dict) -> list[str]:
+    """Empty the order's escrow into what is owed (agent, platform fee, buyer) and create the
+    payout rows, once per order. Returns the ids of payouts created now."""
+    order_id, wallet = data["order_id"], data["client_wallet"]
+    held = parse_usd(data["held_usd"])
+    fund(session, order_id, wallet, held)  # the paid event may still be on its way
+    now = utcnow()
+    entries = {ledger.escrow(order_id): -held}
+    payouts = []
+    if due := data.get("payout_due"):
+        net, fee = parse_usd(due["amount_usd"]), parse_usd(due["fee_usd"])
+        entries[ledger.agent_payable(due["agent_id"])] = net
+        entries[ledger.PLATFORM_FEES] = fee
+        payouts.append(Payout(id=due["id"], order_id=order_id, kind="payout", agent_id=due["agent_id"],
+                              amount_cents=net, fee_cents=fee))
+    if due := data.get("refund_due"):
+        amount = parse_usd(due["amount_usd"])
+        entries[ledger.buyer_refunds(wallet)] = amount
+        payouts.append(Payout(id=due["id"], order_id=order_id, kind="refund", destination=due["wallet"],
+                              chain=due["chain"], amount_cents=amount, fee_cents=0))
+    try:
+        with session.begin_nested():
+            if not ledger.post(session, f"settle:{order_id}", order_id, "settle", entries):
+                return []
+            for payout in payouts:
+                payout.status, payout.attempts, payout.version, payout.reported_version = "pending", 0, 1, 0
+                payout.created_at = payout.updated_at = now
+                session.add(payout)
+    except IntegrityError:  # settled concurrently by a duplicate message
+        return []
+    return [p.id for p in payouts]
+
+
+def record_sent(session: Session, payout: Payout, tx_ref: str, now: dt.datetime) -> None:
+    owed = ledger.agent_payable(payout.agent_id) if payout.kind == "payout" else ledger.buyer_refunds(payout.destination)
+    paid = ledger.agent_wallet(payout.agent_id) if payout.kind == "payout" else ledger.buyer_wallet(payout.destination)
+    ledger.post(session, f"sent:{payout.id}", payout.order_id, "sent",
+                {owed: -payout.amount_cents, paid: payout.amount_cents})
+    _change(payout, now, status="sent", tx_ref=tx_ref, sent_at=now, next_attempt_at=None, last_error=None)
+
+
+def backoff(attempt: int, settings: Settings) -> float:
+    """Exponential backoff with full jitter, capped."""
+    ceiling = min(settings.payout_retry_max_seconds, settings.payout_retry_base_seconds * 2 ** max(attempt - 1, 0))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def _change(payout: Payout, now: dt.datetime, **values) -> None:
+    for key, value in values.items():
+        setattr(payout, key, value)
+    payout.updated_at = now
+    payout.version += 1
+
+
+def _due(payout: Payout, now: dt.datetime) -> bool:
+    # a little early is fine: a retry's countdown and the clock it was computed with may differ
+    return payout.next_attempt_at is None or payout.next_attempt_at <= now + dt.timedelta(seconds=0.5)
+
+
+def _locked(session: Session, db: Database, payout_id: str) -> Payout | None:
+    query = select(Payout).where(Payout.id == payout_id)
+    if db.is_postgres:
+        query = query.with_for_update()
+    return session.scalar(query)
+
+
+def _parse_time(value: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))

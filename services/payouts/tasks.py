@@ -1,0 +1,113 @@
+"""The payouts worker's Celery tasks (queue `payouts`). Each is safe to run twice or concurrently."""
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+import redis
+
+from shared.celery_app import make_celery
+from shared.db import Database, utcnow
+from shared.internal import InternalClient, Unavailable
+from shared.settings import load
+
+from .engine import Engine
+from .models import Payout
+from .rails import make_rail
+
+log = logging.getLogger(__name__)
+settings = load()
+app = make_celery("payouts", settings)
+app.conf.task_default_queue = "payouts"
+QUEUE = "payouts"
+
+
+@lru_cache(maxsize=1)
+def engine() -> Engine:
+    orders = InternalClient(settings.orders_url, settings.service_token, timeout=settings.rail_timeout_seconds)
+    cache = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    return Engine(settings, Database(settings.payouts_db), orders, make_rail(settings, orders, cache))
+
+
+def _send_later(payout_id: str, countdown: float | None = None) -> None:
+    try:
+        send.apply_async(args=[payout_id], queue=QUEUE, countdown=countdown)
+    except Exception:  # the broker is down: the sweep finds the payout due and sends it
+        log.warning("could not queue payout %s; the sweep will", payout_id, exc_info=True)
+
+
+@app.task(name="payouts.settle_order", acks_late=True)
+def settle_order(message: dict) -> list[str]:
+    """An order event: fund the escrow (paid), or settle the order (completed, cancelled)."""
+    due = engine().take_event(message)
+    for payout_id in due:
+        _send_later(payout_id)
+    return due
+
+
+@app.task(name="payouts.send", acks_late=True)
+def send(payout_id: str) -> str:
+    e = engine()
+    status = e.send(payout_id)
+    e.report(payout_id)
+    if status == "pending":  # a retry is scheduled: wake up when it is due
+        with e.db.transaction() as session:
+            payout = session.get(Payout, payout_id)
+            due = payout.next_attempt_at if payout else None
+        if due is not None:
+            _send_later(payout_id, countdown=max((due - utcnow()).total_seconds(), 0))
+    return status
+
+
+@app.task(name="payouts.retry", acks_late=True)
+def retry(message: dict) -> bool:
+    e = engine()
+    payout_id = message["data"]["payout_id"]
+    restarted = e.retry(payout_id)
+    if restarted:
+        e.report(payout_id)
+        _send_later(payout_id)
+    return restarted
+
+
+@app.task(name="payouts.resume_agent", acks_late=True)
+def resume_agent(message: dict) -> int:
+    """The agent set a payout wallet: its blocked payouts go out now."""
+    e = engine()
+    resumed = e.unblock(e.blocked_ids(message["data"]["agent_id"]))
+    for payout_id in resumed:
+        _send_later(payout_id)
+    return len(resumed)
+
+
+@app.task(name="payouts.sweep", acks_late=True)
+def sweep() -> dict:
+    return run_sweep(engine())
+
+
+def run_sweep(e: Engine) -> dict:
+    """Pick up what lost or delayed messages left: settlements not recorded, payouts due,
+    blocked payouts whose agent now has a wallet, reports the orders service has not taken."""
+    counts = {"recorded": 0, "due": 0, "unblocked": 0, "reported": 0}
+    try:
+        counts["recorded"] = e.catch_up()
+    except Unavailable as exc:
+        log.warning("sweep: the orders service is unavailable (%s)", exc)
+    for agent_id in e.blocked_agents():
+        try:
+            has_wallet = bool(e.orders.get(f"/internal/agents/{agent_id}")["payout_wallet"])
+        except Exception as exc:  # the orders service is down or the agent is gone: next sweep
+            log.warning("sweep: cannot read agent %s (%s)", agent_id, exc)
+            continue
+        if has_wallet:
+            for payout_id in e.unblock(e.blocked_ids(agent_id)):
+                _send_later(payout_id)
+                counts["unblocked"] += 1
+    for payout_id in e.due_ids(utcnow()):
+        _send_later(payout_id)
+        counts["due"] += 1
+    for payout_id in e.unreported_ids():
+        counts["reported"] += e.report(payout_id)
+    if any(counts.values()):
+        log.info("payouts sweep %s", counts)
+    return counts
