@@ -75,3 +75,22 @@ def test_a_writer_that_dies_before_storing_leaves_no_stale_view(api, app, monkey
     monkeypatch.setattr(views, "_write", lambda order_id, args: None)  # dies between commit and store
     api.ok("POST", f"/api/orders/{order['id']}/start", agent)
     assert api.ok("GET", f"/api/orders/{order['id']}", buyer)["status"] == "in_progress"
+
+
+def test_every_committed_change_is_announced_and_a_refused_one_is_not(api, redis_url):
+    import json
+    import time
+    from services.orders.cache import CHANGES_CHANNEL
+    agent, buyer, order = api.order_in("delivered")
+    listener = redis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(CHANGES_CHANNEL)
+    listener.get_message(timeout=1)
+    api.patch(f"/api/orders/{order['id']}", buyer, json={"action": "start"})  # refused: not the buyer's
+    api.ok("PATCH", f"/api/orders/{order['id']}", buyer, json={"action": "approve"})
+    heard, deadline = [], time.monotonic() + 5
+    while time.monotonic() < deadline and not heard:
+        message = listener.get_message(timeout=0.5)
+        if message:
+            heard.append(json.loads(message["data"]))
+    listener.close()
+    assert [(m["order_id"], m["status"]) for m in heard] == [(order["id"], "completed")]

@@ -42,6 +42,9 @@ return 'none'
 """
 
 STRANGER = b"none"
+# every committed change of an order is announced here, {"order_id", "status", "version"}, for
+# other services' short-lived copies (messaging's who-may-talk cache) to drop theirs
+CHANGES_CHANNEL = "orders:changed"
 
 
 def _key(order_id: str) -> str:
@@ -103,7 +106,19 @@ class OrderViews:
             # drop the old views first: if this process dies between commit and store, readers
             # fall back to the database instead of serving the old view until it expires
             self._forget(list(rendered))
-            after_commit(session, lambda: [self._write(oid, args) for oid, args in rendered.items()])
+            news = [json.dumps({"order_id": o.id, "status": o.status, "version": o.version}) for o in changed.values()]
+            after_commit(session, lambda: self._after_commit(rendered, news))
+
+    def _after_commit(self, rendered: dict, news: list[str]) -> None:
+        for order_id, args in rendered.items():
+            self._write(order_id, args)
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for message in news:
+                    pipe.publish(CHANGES_CHANNEL, message)
+                pipe.execute()
+        except redis.RedisError:  # listeners' copies expire by themselves
+            log.warning("could not announce order changes", exc_info=True)
 
 
 def changed(session: Session, order: Order) -> None:
