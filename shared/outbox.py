@@ -37,9 +37,9 @@ class OutboxMixin:
 class Outbox:
     """Writes and relays the events of one service's outbox table.
 
-    A committed transaction's events are handed to the relay task right away (one small message);
-    the relay publishes each event to its consumers' queues and marks it published. A beat sweep
-    runs the same relay over whatever is still unpublished, so a lost hand-off delays, never loses.
+    A committed transaction's events are published to their consumers right after the commit, and
+    the relay task marks them published. A beat sweep runs the relay over whatever is still
+    unpublished, publishing it, so a lost hand-off delays, never loses.
     """
 
     def __init__(self, model, celery_app, database, relay_task: str):
@@ -55,17 +55,31 @@ class Outbox:
         session.add(row)
         pending = session.info.setdefault("outbox_pending", [])
         if not pending:  # one hand-off per transaction, right after it commits
-            after_commit(session, lambda: self._hand_off([row.id for row in pending]))
+            after_commit(session, lambda: self._hand_off(pending))
         pending.append(row)
 
-    def _hand_off(self, ids: list[str]) -> None:
+    def _hand_off(self, rows: list) -> None:
+        """Publish a committed transaction's events to their consumers at once (no relay hop on
+        the way to them), then ask the relay to mark them published. If this process dies in
+        between, the sweep publishes them again: consumers are idempotent by event id."""
         try:
-            self.celery.send_task(self.relay_task, args=[ids], queue="default")
+            with self.celery.producer_or_acquire() as producer:
+                for row in rows:
+                    self._publish(row, producer)
+                self.celery.send_task(self.relay_task, args=[[row.id for row in rows]], kwargs={"published": True},
+                                      queue="default", producer=producer)
         except Exception:  # the beat sweep publishes whatever this missed
             log.warning("outbox hand-off after commit failed; the sweep will relay", exc_info=True)
 
-    def relay(self, ids: list[str] | None = None, limit: int = 200) -> int:
+    def _publish(self, row, producer) -> None:
+        message = row.message()
+        for sub in events.consumers(row.event):
+            self.celery.send_task(sub.task, args=[message], queue=sub.queue, producer=producer,
+                                  task_id=f"{row.id}:{sub.task}", headers={"request_id": row.request_id})
+
+    def relay(self, ids: list[str] | None = None, limit: int = 200, published: bool = False) -> int:
         """Publish unpublished events (these ids, or the oldest) to their consumers; mark them published.
+        With `published`, the events were already published by their transaction's hand-off: only mark.
 
         A crash between publish and mark publishes again: consumers are idempotent by event id.
         """
@@ -77,13 +91,10 @@ class Outbox:
             if self.db.is_postgres:
                 query = query.with_for_update(skip_locked=True)
             rows = session.scalars(query).all()
-            with self.celery.producer_or_acquire() as producer:  # one pooled connection for the batch
-                for row in rows:
-                    message = row.message()
-                    for sub in events.consumers(row.event):
-                        self.celery.send_task(sub.task, args=[message], queue=sub.queue, producer=producer,
-                                              task_id=f"{row.id}:{sub.task}",
-                                              headers={"request_id": row.request_id})
+            if not published:
+                with self.celery.producer_or_acquire() as producer:  # one pooled connection for the batch
+                    for row in rows:
+                        self._publish(row, producer)
             now = utcnow()
             for row in rows:
                 row.attempts += 1

@@ -35,7 +35,8 @@ def _relay_handed_off(app, redis_url):
     while (raw := client.rpop("default")) is not None:
         message = json.loads(raw)
         assert message["headers"]["task"] == "orders.relay_outbox"
-        handed += outbox.relay(_body(message)[0][0])
+        args, kwargs, _ = _body(message)
+        handed += outbox.relay(*args, **kwargs)
     return handed
 
 

@@ -299,8 +299,13 @@ def test_the_orders_service_down_postpones_without_spending_an_attempt(desk):
     assert down.send(payout_id) == "pending"
     [payout] = desk.payouts(order["id"])
     assert payout.attempts == 0 and payout.next_attempt_at is not None and payout.last_error
-    assert not down.report(payout_id)
-    assert desk.engine().send(payout_id, now=utcnow() + dt.timedelta(hours=1)) == "sent"
+    up = desk.engine()
+    assert up.send(payout_id, now=utcnow() + dt.timedelta(hours=1)) == "sent"
+    assert not down.report(payout_id)  # the news waits for the sweep
+    assert up.unreported_ids(utcnow() + dt.timedelta(hours=1), grace_seconds=30) == [payout_id]
+    assert up.report(payout_id)
+    assert up.unreported_ids(utcnow() + dt.timedelta(hours=1)) == []
+    assert desk.api.ok("GET", f"/api/orders/{order['id']}", agent)["payout"]["status"] == "sent"
 
 
 # --- lost messages, reports out of order ----------------------------------------------------------------
@@ -309,8 +314,10 @@ def test_a_settlement_whose_message_was_lost_is_found_by_the_catch_up_sweep(desk
     _, _, first, _ = desk.completed()
     _, buyer, second, _ = desk.completed()
     engine = desk.engine()
-    assert engine.catch_up() == 2  # no event was ever handed over
-    assert engine.catch_up() == 0  # read again: nothing new
+    assert engine.catch_up() == 0  # just settled: left to their own events for now
+    later = utcnow() + dt.timedelta(seconds=31)
+    assert engine.catch_up(now=later) == 2  # no event was ever handed over
+    assert engine.catch_up(now=later) == 0  # read again: nothing new
     assert {p.order_id for p in engine_payouts(desk)} == {first["id"], second["id"]}
     assert desk.take_all(engine, second["id"]) == []  # the late message changes nothing
     assert desk.balance(ledger.escrow(first["id"])) == 0
@@ -426,3 +433,13 @@ def test_a_payout_transfer_cannot_be_used_to_pay_an_order(desk):
                                   json={"action": "pay", "escrow_tx_hash": rail["tx_ref"]})
     assert status == 402 and body["code"] == "payment_unverified"
     assert desk.api.ok("GET", f"/api/orders/{order['id']}", buyer)["status"] == "quoted"
+
+
+def test_the_sweep_leaves_a_fresh_payout_to_the_task_that_created_it(desk):
+    agent, buyer, order, _ = desk.completed()
+    engine = desk.engine()
+    [payout_id] = desk.take_all(engine, order["id"])
+    now = utcnow()
+    assert engine.due_ids(now, grace_seconds=30) == []
+    assert engine.unreported_ids(now, grace_seconds=30) == []  # orders already shows it pending
+    assert engine.due_ids(now + dt.timedelta(seconds=31), grace_seconds=30) == [payout_id]  # its message was lost

@@ -36,20 +36,20 @@ def runtime() -> tuple[Database, services.Runtime]:
 
 
 @app.task(name=services.RELAY_TASK, acks_late=True)
-def relay_outbox(ids: list[str] | None = None) -> int:
-    """Relay the events a transaction just committed (ids), or sweep every unpublished one."""
+def relay_outbox(ids: list[str] | None = None, published: bool = False) -> int:
+    """Mark the events a transaction just committed and published (ids), or sweep every unpublished one."""
     db, rt = runtime()
     if ids is not None:
-        return rt.outbox.relay(ids)
-    published = 0
+        return rt.outbox.relay(ids, published=published)
+    relayed = 0
     while True:  # drain in batches so one sweep clears a backlog
         count = rt.outbox.relay(limit=200)
-        published += count
+        relayed += count
         if count < 200:
             break
-    if published:
-        log.info("outbox relayed %d events", published)
-    return published
+    if relayed:
+        log.info("outbox relayed %d events", relayed)
+    return relayed
 
 
 @app.task(name="orders.fire_due_timers", acks_late=True)

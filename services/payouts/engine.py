@@ -58,9 +58,13 @@ class Engine:
                 return []
             return settle(session, data)
 
-    def catch_up(self, overlap_seconds: float = 120.0, page: int = 500) -> int:
+    def catch_up(self, grace_seconds: float = 30.0, overlap_seconds: float = 120.0, page: int = 500,
+                 now: dt.datetime | None = None) -> int:
         """Read the orders service's feed of settled orders and record whatever a lost message
-        left out. Re-reads a short overlap each time: a slow transaction may commit out of order."""
+        left out. Settlements younger than the grace are left to their own event; each order is
+        recorded in its own transaction, so the sweep never holds locks across orders. Re-reads a
+        short overlap each time: a slow transaction may commit out of order."""
+        cutoff = (now or utcnow()) - dt.timedelta(seconds=grace_seconds)
         with self.db.transaction() as session:
             state = session.get(SyncState, "settlements")
             since = (state.at - dt.timedelta(seconds=overlap_seconds)) if state else dt.datetime(
@@ -71,15 +75,16 @@ class Engine:
             if after_id:
                 params["after_id"] = after_id
             items = self.orders.get("/internal/settlements", params)["items"]
+            items = [i for i in items if _parse_time(i["settled_at"]) <= cutoff]
             if not items:
                 break
             with self.db.transaction() as session:
                 known = set(session.scalars(select(Payout.order_id).where(
                     Payout.order_id.in_([i["order_id"] for i in items]))))
-                for item in items:
-                    if item["order_id"] not in known and ("payout_due" in item or "refund_due" in item):
-                        due = settle(session, item)
-                        recorded += bool(due)
+            for item in items:
+                if item["order_id"] not in known and ("payout_due" in item or "refund_due" in item):
+                    with self.db.transaction() as session:
+                        recorded += bool(settle(session, item))
             last = items[-1]
             since, after_id = _parse_time(last["settled_at"]), last["order_id"]
             newest = since
@@ -211,17 +216,24 @@ class Engine:
 
     # --- the sweep's queries ----------------------------------------------------------------
 
-    def due_ids(self, now: dt.datetime, limit: int = 500) -> list[str]:
+    def due_ids(self, now: dt.datetime, grace_seconds: float = 0.0, limit: int = 500) -> list[str]:
+        """Pending payouts whose attempt is due; a new one (never tried) only once it is older than
+        the grace, since the task that created it sends it."""
         with self.db.transaction() as session:
             return list(session.scalars(select(Payout.id).where(
                 Payout.status == "pending",
-                (Payout.next_attempt_at.is_(None)) | (Payout.next_attempt_at <= now))
-                .order_by(Payout.created_at).limit(limit)))
+                (Payout.next_attempt_at <= now)
+                | (Payout.next_attempt_at.is_(None) & (Payout.updated_at <= now - dt.timedelta(seconds=grace_seconds)))
+            ).order_by(Payout.created_at).limit(limit)))
 
-    def unreported_ids(self, limit: int = 500) -> list[str]:
+    def unreported_ids(self, now: dt.datetime, grace_seconds: float = 0.0, limit: int = 500) -> list[str]:
+        """Changes the orders service has not acknowledged, older than the grace (the task that
+        made a change reports it itself)."""
         with self.db.transaction() as session:
-            return list(session.scalars(select(Payout.id).where(Payout.reported_version < Payout.version)
-                                        .order_by(Payout.updated_at).limit(limit)))
+            return list(session.scalars(select(Payout.id).where(
+                Payout.reported_version < Payout.version,
+                Payout.updated_at <= now - dt.timedelta(seconds=grace_seconds))
+                .order_by(Payout.updated_at).limit(limit)))
 
     def blocked_ids(self, agent_id: str | None = None) -> list[str]:
         with self.db.transaction() as session:
@@ -277,7 +289,8 @@ def settle(session: Session, data: dict) -> list[str]:
             if not ledger.post(session, f"settle:{order_id}", order_id, "settle", entries):
                 return []
             for payout in payouts:
-                payout.status, payout.attempts, payout.version, payout.reported_version = "pending", 0, 1, 0
+                # the orders service created it pending: that much it knows already
+                payout.status, payout.attempts, payout.version, payout.reported_version = "pending", 0, 1, 1
                 payout.created_at = payout.updated_at = now
                 session.add(payout)
     except IntegrityError:  # settled concurrently by a duplicate message

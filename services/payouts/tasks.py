@@ -20,6 +20,8 @@ settings = load()
 app = make_celery("payouts", settings)
 app.conf.task_default_queue = "payouts"
 QUEUE = "payouts"
+# the sweep leaves alone what changed this recently: its own message is most likely still queued
+SWEEP_GRACE_SECONDS = 30.0
 
 
 @lru_cache(maxsize=1)
@@ -38,16 +40,22 @@ def _send_later(payout_id: str, countdown: float | None = None) -> None:
 
 @app.task(name="payouts.settle_order", acks_late=True)
 def settle_order(message: dict) -> list[str]:
-    """An order event: fund the escrow (paid), or settle the order (completed, cancelled)."""
-    due = engine().take_event(message)
+    """An order event: fund the escrow (paid), or settle the order (completed, cancelled) and
+    send what it owes right here, without another trip through the queue."""
+    e = engine()
+    due = e.take_event(message)
     for payout_id in due:
-        _send_later(payout_id)
+        attempt(e, payout_id)
     return due
 
 
 @app.task(name="payouts.send", acks_late=True)
 def send(payout_id: str) -> str:
-    e = engine()
+    return attempt(engine(), payout_id)
+
+
+def attempt(e: Engine, payout_id: str) -> str:
+    """One attempt at a payout, its report to the orders service, and a wake-up for the retry."""
     status = e.send(payout_id)
     e.report(payout_id)
     if status == "pending":  # a retry is scheduled: wake up when it is due
@@ -90,7 +98,7 @@ def run_sweep(e: Engine) -> dict:
     blocked payouts whose agent now has a wallet, reports the orders service has not taken."""
     counts = {"recorded": 0, "due": 0, "unblocked": 0, "reported": 0}
     try:
-        counts["recorded"] = e.catch_up()
+        counts["recorded"] = e.catch_up(grace_seconds=SWEEP_GRACE_SECONDS)
     except Unavailable as exc:
         log.warning("sweep: the orders service is unavailable (%s)", exc)
     for agent_id in e.blocked_agents():
@@ -103,10 +111,10 @@ def run_sweep(e: Engine) -> dict:
             for payout_id in e.unblock(e.blocked_ids(agent_id)):
                 _send_later(payout_id)
                 counts["unblocked"] += 1
-    for payout_id in e.due_ids(utcnow()):
+    for payout_id in e.due_ids(utcnow(), grace_seconds=SWEEP_GRACE_SECONDS):
         _send_later(payout_id)
         counts["due"] += 1
-    for payout_id in e.unreported_ids():
+    for payout_id in e.unreported_ids(utcnow(), grace_seconds=SWEEP_GRACE_SECONDS):
         counts["reported"] += e.report(payout_id)
     if any(counts.values()):
         log.info("payouts sweep %s", counts)
