@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: run test bench bench-payouts reconcile clean
+.PHONY: run test bench bench-payouts bench-messaging reconcile clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,9 @@ bench: $(STAMP)  ## API throughput against a hello-world baseline (needs Postgre
 
 bench-payouts: $(STAMP)  ## payout latency against a bare Celery round trip, and drain time (needs PostgreSQL)
 	$(PY) bench/payouts.py
+
+bench-messaging: $(STAMP)  ## page latency on 100 vs 100,000 messages, and posts per second (needs PostgreSQL)
+	$(PY) bench/messaging.py
 
 reconcile: $(STAMP)  ## the ledger against the orders and the payout rail; exit 1 on any mismatch
 	$(PY) -m services.payouts.reconcile

@@ -11,7 +11,9 @@ def targets(settings: Settings):
     """(service, migrations folder, database URL) of each service that owns tables."""
     from services.orders.cli import MIGRATIONS as ORDERS
     from services.payouts.cli import MIGRATIONS as PAYOUTS
-    return [("orders", ORDERS, settings.orders_db), ("payouts", PAYOUTS, settings.payouts_db)]
+    from services.messaging.cli import MIGRATIONS as MESSAGING
+    return [("orders", ORDERS, settings.orders_db), ("payouts", PAYOUTS, settings.payouts_db),
+            ("messaging", MESSAGING, settings.messaging_db)]
 
 
 def main() -> int:

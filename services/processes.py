@@ -47,9 +47,10 @@ def beat() -> Process:
 # Started in this order; the gateway last, so it comes up in front of ready services.
 PROCESSES: list[Process] = [
     web("orders", "services.orders.wsgi:app", SETTINGS.orders_port),
-    web("messaging", "services.messaging.wsgi:app", SETTINGS.messaging_port),
+    # each open event stream holds a thread
+    web("messaging", "services.messaging.wsgi:app", SETTINGS.messaging_port, threads=32),
     worker("default"),
-    worker("payouts", concurrency=2, app="services.payouts.worker"),
+    worker("payouts", concurrency=4, app="services.payouts.worker"),
     beat(),
     web("gateway", "services.gateway.wsgi:app", GATEWAY_PORT, workers=1, threads=16, kind="gateway"),
 ]

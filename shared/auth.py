@@ -69,7 +69,7 @@ def sign_session(secret: str, wallet: str, chain: str, ttl: int, now: float | No
 
 def verify_session(secret: str, token: str, now: float | None = None) -> Caller | None:
     parts = token.split(".")
-    if len(parts) != 3 or parts[0] != "ses":
+    if len(parts) != 3 or parts[0] != "ses" or not token.isascii():
         return None
     expected = _b64(hmac.new(secret.encode(), parts[1].encode(), hashlib.sha256).digest())
     if not hmac.compare_digest(expected, parts[2]):

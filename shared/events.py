@@ -13,6 +13,7 @@ ORDER_EVENTS = frozenset({
     "order.created", "order.quoted", "order.accepted", "order.paid", "order.started",
     "order.delivered", "order.revision_requested", "order.disputed", "order.completed",
     "order.cancelled", "order.payout_sent", "order.payout_failed", "order.refund_sent", "order.refund_failed",
+    "order.message",  # a buyer's message on the order, from the messaging service's outbox
 })
 
 
@@ -29,6 +30,8 @@ SUBSCRIPTIONS = (
     Subscription("payouts.settle_order", "payouts", frozenset({"order.paid", "order.completed", "order.cancelled"})),
     Subscription("payouts.retry", "payouts", frozenset({"payout.retry_requested"})),
     Subscription("payouts.resume_agent", "payouts", frozenset({"agent.payout_wallet_set"})),
+    # image deliverables get their watermarked previews (and URL images are fetched)
+    Subscription("media.process_delivery", "media", frozenset({"order.delivered"})),
     # agents hear about every order event
     Subscription("webhooks.deliver_event", "webhooks", ORDER_EVENTS),
 )

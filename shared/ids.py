@@ -4,7 +4,8 @@ import string
 
 _ALPHABET = string.ascii_letters + string.digits
 PREFIXES = {"agent": "agt", "service": "svc", "order": "ord", "delivery": "dlv", "item": "itm",
-            "message": "msg", "review": "rev", "generation": "gen", "payout": "pay", "event": "evt"}
+            "message": "msg", "review": "rev", "generation": "gen", "payout": "pay", "event": "evt",
+            "upload": "upl"}
 
 
 def new_id(kind: str) -> str:

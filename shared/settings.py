@@ -44,6 +44,12 @@ class Settings:
     rate_limits: bool = True
     rate_limit_per_minute: int = 300
     rate_limit_anonymous_per_minute: int = 60
+    # Messaging: posts per sender per hour; how long messaging trusts its copy of an order's parties
+    # and state before asking the orders service again; event streams' heartbeat and lifetime.
+    message_rate_limit_per_hour: int = 60
+    messaging_access_ttl_seconds: int = 30
+    messaging_stream_heartbeat_seconds: float = 15.0
+    messaging_stream_max_seconds: float = 300.0
     # Payments.
     payment_verifier: str = "sandbox"
     treasury_solana: str = "TreasurySo1ana11111111111111111111111111111"
@@ -65,6 +71,17 @@ class Settings:
     rail_timeout_seconds: float = 10.0
     # Fault injection for the sandbox rail, for tests: e.g. "fail=3,timeout=1,ambiguous=2".
     sandbox_rail_faults: str = ""
+    # Files: uploads, originals and previews, and the signed links that serve them.
+    media_root: str = ""  # empty: var/media
+    upload_max_bytes: int = 50 * 1024 * 1024
+    file_link_secret: str = "dev-file-link-secret-change-me"
+    file_link_ttl_seconds: int = 900
+    preview_max_edge: int = 1024
+    media_max_pixels: int = 40_000_000
+    media_fetch_max_bytes: int = 50 * 1024 * 1024
+    media_fetch_timeout_seconds: float = 20.0
+    media_fetch_allowed_hosts: tuple[str, ...] = ()
+    media_task_time_limit_seconds: int = 120
     # Fault injection for tests: publish every queue message twice.
     fault_duplicate_messages: bool = False
     # Durations (seconds) of the order timers.
@@ -88,6 +105,10 @@ class Settings:
     @property
     def messaging_db(self) -> str:
         return self.messaging_database_url or self.database_url or f"sqlite:///{VAR / 'messaging.db'}"
+
+    @property
+    def media_path(self) -> Path:
+        return Path(self.media_root) if self.media_root else VAR / "media"
 
     @property
     def payouts_db(self) -> str:

@@ -77,7 +77,9 @@ def migrated(base_settings):
 
 def _wipe(db: Database) -> None:
     from services.payouts.models import Base as PayoutsBase
-    tables = [t.name for metadata in (Base.metadata, PayoutsBase.metadata) for t in reversed(metadata.sorted_tables)]
+    from services.messaging.models import Base as MessagingBase
+    tables = [t.name for metadata in (Base.metadata, PayoutsBase.metadata, MessagingBase.metadata)
+              for t in reversed(metadata.sorted_tables)]
     with db.engine.begin() as conn:
         if db.is_postgres:
             conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))

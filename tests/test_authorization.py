@@ -10,6 +10,7 @@ One app and one cast of actors per module keep the ~200 cases fast; every case g
 from __future__ import annotations
 
 import base64
+import io
 import json
 import secrets
 import string
@@ -47,6 +48,10 @@ MATRIX = {
     "POST /api/orders/{oid}/review":                 ("completed",       201,  404,  403,  404,  401,  403, 401),
     "POST /api/admin/orders/{oid}/resolve":          ("disputed",        403,  403,  403,  403,  401,  200, 401),
     "POST /api/admin/payouts/{pid}/retry":           ("payout_failed",   403,  403,  403,  403,  401,  202, 401),
+    "POST /api/uploads":                             (None,              403,  403,  201,  201,  401,  403, 401),
+    # a signed link is a short-lived capability, whoever holds it; but a buyer's own credentials
+    # never fetch an image's original before completion (here: the admin's link, order delivered)
+    "GET {file}":                                    ("file_delivered",  403,  200,  200,  200,  200,  200, 401),
     "GET /api/orders":                               (None,              200,  200,  403,  403,  401,  403, 401),
     "POST /api/orders":                              (None,              201,  201,  403,  403,  401,  403, 401),
     "GET /api/agents/{aid}/orders":                  ("paid",            403,  403,  200,  404,  401,  200, 401),
@@ -115,12 +120,24 @@ class World:
 
     def call(self, method: str, path: str, caller: str | dict, body=None):
         headers = self.headers[caller] if isinstance(caller, str) else caller
-        return self.api.call(method, path, None, json=body, headers=headers)
+        if isinstance(body, Multipart):
+            return self.api.call(method, path, None, headers=headers, data={"file": (io.BytesIO(body.content), body.name)},
+                                 content_type="multipart/form-data")
+        status, resp = self.api.call(method, path, None, json=body, headers=headers)
+        if status == 200 and resp is None and self.api.last.data:  # a file, not JSON: count it as data
+            resp = {"success": True, "data": {"bytes": len(self.api.last.data)}}
+        return status, resp
 
     def order_in(self, state: str, agent=None, buyer=None, service=None) -> dict:
         """A fresh order of (agent, buyer) walked to `state` through the public API."""
         agent, buyer = agent or self.agent, buyer or self.buyer
         service = service or (self.quote_service if state == "pending_quote" else self.fixed_service)
+        if state == "file_delivered":  # an uploaded image, delivered
+            order = self.api.walk(agent, buyer, self.api.order(buyer, service), "paid")
+            upload = self.api.upload(agent, PNG, "fox.png")
+            self.api.ok("POST", f"/api/orders/{order['id']}/deliver", agent,
+                        json={"deliverables": [{"upload_id": upload["upload_id"], "media_type": "image"}]})
+            return self.api.ok("GET", f"/api/orders/{order['id']}", ADMIN)
         if state == "payout_failed":  # completed, and the payouts worker gave up on the payout
             order = self.api.walk(agent, buyer, self.api.order(buyer, service), "completed")
             self.api.report_payout(order["id"], "payout", "failed", 5, error="The rail refused.")
@@ -140,11 +157,22 @@ class World:
         return snap
 
 
+class Multipart:
+    def __init__(self, content: bytes, name: str):
+        self.content, self.name = content, name
+
+
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+                    "1f15c4890000000d49444154789c6360f8cf000000030101007ce5e1e20000000049454e44ae426082")
+
+
 def _body(world: World, endpoint: str, order: dict | None):
     """A valid request body for the endpoint (so a refusal is about the caller, not the input)."""
     if endpoint == "PATCH /api/orders/{oid} pay":
         # a real, matching transfer from the order's buyer: only authorization stands in the way
         return {"action": "pay", "escrow_tx_hash": world.api.transfer(world.buyer, order["id"])}
+    if endpoint == "POST /api/uploads":
+        return Multipart(PNG, "fox.png")
     if endpoint == "POST /api/auth/session":
         wallet = SolanaWallet.generate()
         challenge = world.api.ok("POST", "/api/auth/challenge", json={"wallet": wallet.address, "chain": "solana"})
@@ -172,6 +200,13 @@ def _body(world: World, endpoint: str, order: dict | None):
     }.get(endpoint)
 
 
+def _ids(world: World, order: dict | None) -> dict:
+    order = order or {}
+    items = [i for d in order.get("deliveries", ()) for i in d["items"]]
+    return {"oid": order.get("id"), "aid": world.agent.id, "sid": world.fixed_service["id"],
+            "pid": (order.get("payout") or {}).get("id"), "file": items[0]["url"] if items else None}
+
+
 def assert_error(status: int, body, expected_status: int, expected_code: str, context=""):
     assert status == expected_status, (context, status, body)
     assert isinstance(body, dict), (context, "not JSON", status, body)
@@ -197,8 +232,7 @@ def test_authorization_matrix(world, endpoint, caller):
     expected = dict(zip(CALLERS, statuses))[caller]
     method, template = parse(endpoint)
     order = world.order_in(state) if state else None
-    ids = {"oid": order["id"] if order else None, "aid": world.agent.id, "sid": world.fixed_service["id"],
-           "pid": (order.get("payout") or {}).get("id") if order else None}
+    ids = _ids(world, order)
     path = template.format(**ids)
     body = _body(world, endpoint, order)
     before = world.snapshot(order)
@@ -248,7 +282,8 @@ def test_matrix_covers_every_route_of_the_app(world):
     """A new route without a row here is an authorization decision nobody wrote down."""
     declared = {parse(e) for e in MATRIX}
     declared_paths = {(m, p.replace("{oid}", "<order_id>").replace("{aid}", "<agent_id>")
-                       .replace("{sid}", "<service_id>").replace("{pid}", "<payout_id>")) for m, p in declared}
+                       .replace("{sid}", "<service_id>").replace("{pid}", "<payout_id>")
+        .replace("{file}", "/api/files/<item_id>/<variant>")) for m, p in declared}
     missing = []
     for rule in world.app.url_map.iter_rules():
         if not rule.rule.startswith("/api/") or rule.rule == "/api/openapi.json":
@@ -284,6 +319,7 @@ BAD_TOKENS = {
     "session, MAC altered": lambda w: "Bearer " + w.buyer.token[:-2] + ("AA" if w.buyer.token[-2:] != "AA" else "BB"),
     "session signed with another secret": lambda w: "Bearer " + sign_session("not-the-secret", w.buyer.id, "solana", 3600)[0],
     "session with a missing part": lambda w: "Bearer " + w.buyer.token.rsplit(".", 1)[0],
+    "session with a non-ASCII MAC": lambda w: "Bearer ses.e30.\u00fc",
     "service token as bearer": lambda w: "Bearer " + w.settings.service_token,
 }
 
@@ -298,8 +334,7 @@ def test_bad_tokens_are_401_on_every_endpoint_and_change_nothing(world, variant)
         if state and state not in orders:
             orders[state] = world.order_in(state)
         order = orders.get(state)
-        path = template.format(oid=order["id"] if order else None, aid=world.agent.id,
-                               sid=world.fixed_service["id"], pid=((order or {}).get("payout") or {}).get("id"))
+        path = template.format(**_ids(world, order))
         body = _body(world, endpoint, order)
         before = world.snapshot(order)
         status, resp = world.call(method, path, {"Authorization": authorization}, body)

@@ -135,7 +135,7 @@ def test_a_quote_order_from_placement_to_review_through_the_gateway(stack):
     oid = order["id"]
     # messaging stays closed until payment (and the gateway routes the messages path to messaging)
     status, body = gw.call("GET", f"/api/orders/{oid}/messages", buyer)
-    assert status in (409, 503) and body["success"] is False
+    assert (status, body["code"]) == (409, "messaging_closed")
 
     assert gw.ok("POST", f"/api/orders/{oid}/quote", agent_key, json={"price_usd": "80.00"})["status"] == "quoted"
     assert gw.pay(buyer, wallet, oid)["status"] == "paid"
@@ -213,6 +213,33 @@ def test_beat_and_the_worker_auto_complete_after_the_review_window(stack):
                       timeout=30)
     assert final and final["timeline"][-1]["action"] == "auto_complete"
     assert final["timeline"][-1]["actor_type"] == "system"
+
+
+def test_buyer_and_agent_exchange_messages_through_the_gateway_after_payment(stack):
+    gw = Gateway(stack["base"])
+    seed = stack["seed"]
+    agent = seed["agent_api_key"]
+    wallet, buyer = gw.buyer()
+    oid = gw.ok("POST", "/api/orders", buyer, expect=201,
+                json={"service_id": seed["services"]["fixed"], "brief": "A poster, and a question."})["id"]
+    status, body = gw.call("POST", f"/api/orders/{oid}/messages", buyer, json={"content": "Too early?"})
+    assert (status, body["code"]) == (409, "messaging_closed")
+    gw.pay(buyer, wallet, oid)
+    # the agent listens live through the gateway while the buyer writes
+    with requests.get(f"{stack['base']}/api/orders/{oid}/messages/stream", stream=True, timeout=(3, 30),
+                      headers={"Authorization": f"Bearer {agent}"}) as stream:
+        assert stream.status_code == 200 and stream.headers["Content-Type"].startswith("text/event-stream")
+        lines = stream.iter_lines(chunk_size=None, decode_unicode=True)
+        assert next(lines).startswith("retry:")  # subscribed
+        sent = gw.ok("POST", f"/api/orders/{oid}/messages", buyer, expect=201, json={"content": "Can it be blue?"})
+        data = next(line for line in lines if line.startswith("data:"))
+        assert json.loads(data[len("data:"):]) == sent
+    reply = gw.ok("POST", f"/api/orders/{oid}/messages", agent, expect=201, json={"content": "Blue it is."})
+    page = gw.ok("GET", f"/api/orders/{oid}/messages", buyer)
+    assert [(m["sender_type"], m["content"]) for m in page["items"]] == [("client", "Can it be blue?"),
+                                                                         ("agent", "Blue it is.")]
+    assert page["unread_count"] == 0 and page["items"][1]["id"] == reply["id"]
+    assert gw.ok("GET", f"/api/orders/{oid}/messages", agent)["items"][1]["read_at"] is not None
 
 
 def test_the_gateway_never_exposes_internal_routes(stack):

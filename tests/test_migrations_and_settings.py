@@ -5,10 +5,11 @@ from alembic.migration import MigrationContext
 
 from services.orders import models  # noqa: F401
 from services.payouts.models import Base as PayoutsBase
+from services.messaging.models import Base as MessagingBase
 from shared.db import Base
 from shared.settings import load
 
-METADATA = {"orders": Base.metadata, "payouts": PayoutsBase.metadata}
+METADATA = {"orders": Base.metadata, "payouts": PayoutsBase.metadata, "messaging": MessagingBase.metadata}
 
 
 @pytest.mark.parametrize("service", sorted(METADATA))

@@ -140,8 +140,13 @@ def _install_idempotency(app: Flask, db: Database, settings: Settings) -> None:
             return
         if not 1 <= len(key) <= 255:
             raise errors.ValidationError("Idempotency-Key must be 1-255 characters.")
-        fingerprint = hashlib.sha256(b"%s %s\n" % (request.method.encode(), request.path.encode())
-                                     + request.get_data()).hexdigest()
+        if request.mimetype == "multipart/form-data":
+            # an upload is not read into memory to fingerprint it: its length and multipart
+            # boundary stand for the body (a client's retry resends the very same bytes)
+            body = f"{request.content_length} {request.content_type}".encode()
+        else:
+            body = request.get_data()
+        fingerprint = hashlib.sha256(b"%s %s\n" % (request.method.encode(), request.path.encode()) + body).hexdigest()
         caller = hashlib.sha256(g.caller.key.encode()).hexdigest()  # fixed length, whatever the id
         record = db.session().get(IdempotencyRecord, (caller, key))
         if record is not None and record.created_at < utcnow() - dt.timedelta(seconds=settings.idempotency_ttl_seconds):

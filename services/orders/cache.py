@@ -52,8 +52,9 @@ def _key(order_id: str) -> str:
 
 
 class OrderViews:
-    def __init__(self, client: redis.Redis):
+    def __init__(self, client: redis.Redis, links):
         self.client = client
+        self.links = links
         self._store = client.register_script(_STORE)
         self._fetch = client.register_script(_FETCH)
 
@@ -68,8 +69,11 @@ class OrderViews:
     def _render(self, order: Order, full: dict | None = None) -> list:
         from . import present
         full = full or present.full_order(order)
-        views = [json.dumps(present.for_role(full, role), separators=(",", ":")) for role in ("buyer", "agent", "admin")]
-        return [order.version, order.client_wallet, order.agent_id, *views, TTL_SECONDS]
+        views = [json.dumps(present.for_role(full, role, self.links), separators=(",", ":"))
+                 for role in ("buyer", "agent", "admin")]
+        # views with file links are kept only a third of a link's life, so served links stay good
+        ttl = min(TTL_SECONDS, self.links.view_ttl_seconds) if order.delivery_count else TTL_SECONDS
+        return [order.version, order.client_wallet, order.agent_id, *views, ttl]
 
     def store(self, order: Order, full: dict) -> None:
         """Store the views of an order as read from committed state (a miss being filled)."""

@@ -132,8 +132,30 @@ class DeliveryItem(Base):
     media_type: Mapped[str] = mapped_column(String(16))
     title: Mapped[str | None] = mapped_column(String(200))
     url: Mapped[str | None] = mapped_column(String(2048))
-    preview_url: Mapped[str | None] = mapped_column(String(2048))
     preview_status: Mapped[str | None] = mapped_column(String(16))
+    # a file the agent uploaded, or the copy the media worker fetched of an image URL
+    upload_id: Mapped[str | None] = mapped_column(String(32))
+    storage_key: Mapped[str | None] = mapped_column(String(255))
+    content_type: Mapped[str | None] = mapped_column(String(100))
+    size: Mapped[int | None] = mapped_column(Integer)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    preview_key: Mapped[str | None] = mapped_column(String(255))
+    preview_error: Mapped[str | None] = mapped_column(Text)
+
+
+class Upload(Base):
+    """A file an agent uploaded, typed by its bytes, waiting to go into one delivery."""
+    __tablename__ = "uploads"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(ForeignKey("agents.id"), index=True)
+    storage_key: Mapped[str] = mapped_column(String(255))
+    media_type: Mapped[str] = mapped_column(String(16))
+    content_type: Mapped[str] = mapped_column(String(100))
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    filename: Mapped[str | None] = mapped_column(String(255))
+    item_id: Mapped[str | None] = mapped_column(String(32))  # the delivery item it went into
+    created_at = mapped_column(UTCDateTime(), nullable=False)
 
 
 class Revision(Base):

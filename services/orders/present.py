@@ -7,6 +7,7 @@ from shared.auth import Caller
 from shared.db import isoformat
 from shared.money import format_usd
 
+from .files import Links, original_allowed
 from .models import Agent, Order, Review, Service, Settlement
 from .services import party_of
 
@@ -38,23 +39,35 @@ def review(r: Review | None) -> dict | None:
             "created_at": isoformat(r.created_at)}
 
 
-def order(o: Order, viewer: Caller) -> dict:
-    return for_role(full_order(o), party_of(o, viewer))
+def order(o: Order, viewer: Caller, links: Links) -> dict:
+    return for_role(full_order(o), party_of(o, viewer), links)
 
 
-def for_role(full: dict, role: str | None) -> dict:
-    """What one party sees of the full (admin) view of an order."""
+def for_role(full: dict, role: str, links: Links) -> dict:
+    """What one party (buyer, agent, admin) sees of the full view of an order."""
+    out = dict(full)
     # the agent follows its payout, the buyer its refund (DESIGN.md §4)
-    if role == "buyer" and full["payout"] is not None:
-        full = dict(full, payout=None)
-    elif role == "agent" and full["refund"] is not None:
-        full = dict(full, refund=None)
-    if role == "buyer" and full["status"] != "completed":
-        # the buyer sees an image's original only once the order is completed (DESIGN.md §3)
-        full = dict(full, deliveries=[
-            dict(d, items=[dict(i, url=None) if i["media_type"] == "image" else i for i in d["items"]])
-            for d in full["deliveries"]])
-    return full
+    if role == "buyer":
+        out["payout"] = None
+    elif role == "agent":
+        out["refund"] = None
+    out["deliveries"] = [dict(d, items=[_item(i, role, full["status"], links) for i in d["items"]])
+                         for d in full["deliveries"]]
+    return out
+
+
+def _item(item: dict, role: str, status: str, links: Links) -> dict:
+    """A delivered item as this viewer may see it: files only through signed links, and an
+    image's original withheld from the buyer until the order is completed (DESIGN.md §3)."""
+    shown = {k: v for k, v in item.items() if not k.startswith("_")}
+    if not original_allowed(role, item["media_type"], status):
+        shown["url"] = None
+    elif item["_stored"]:
+        shown["url"] = links.url(item["id"], "original", role)
+    shown["preview_url"] = links.url(item["id"], "preview", role) if item["_preview"] else None
+    if role == "buyer":
+        shown["preview_error"] = None  # the reason is for the agent to act on
+    return shown
 
 
 def settlement(row: Settlement) -> dict:
@@ -70,7 +83,10 @@ def full_order(o: Order) -> dict:
     deliveries = [{
         "id": d.id, "number": d.number, "created_at": isoformat(d.created_at),
         "items": [{"id": i.id, "media_type": i.media_type, "title": i.title, "url": i.url,
-                   "preview_url": i.preview_url, "preview_status": i.preview_status} for i in d.items],
+                   "content_type": i.content_type, "size": i.size, "sha256": i.sha256,
+                   "preview_url": None, "preview_status": i.preview_status, "preview_error": i.preview_error,
+                   "_stored": i.storage_key is not None, "_preview": i.preview_key is not None}
+                  for i in d.items],
     } for d in (o.deliveries if o.delivery_count else ())]
     return {
         "id": o.id, "status": o.status, "service_id": o.service_id, "agent_id": o.agent_id,

@@ -244,6 +244,23 @@ class RailTransferIn(Schema):
     chain = fields.Str(required=True, validate=validate.OneOf(CHAINS))
 
 
+class MediaReportIn(Schema):
+    status = fields.Str(required=True, validate=validate.OneOf(("ready", "failed")))
+    preview_key = fields.Str(validate=validate.Length(min=1, max=255))
+    original_key = fields.Str(validate=validate.Length(min=1, max=255))
+    sha256 = fields.Str(validate=validate.Regexp(r"^[0-9a-f]{64}$"))
+    content_type = fields.Str(validate=validate.Length(min=1, max=100))
+    size = fields.Int(strict=True, validate=validate.Range(min=0))
+    error = fields.Str(validate=validate.Length(min=1, max=2000))
+
+    @validates_schema
+    def _complete(self, data, **_):
+        if data["status"] == "ready" and "preview_key" not in data:
+            raise ValidationError("A ready item needs its preview_key.", "preview_key")
+        if data["status"] == "failed" and "error" not in data:
+            raise ValidationError("A failed item needs the error the agent will read.", "error")
+
+
 class RailListQuery(Schema):
     after = fields.Str(validate=validate.Length(min=1, max=128))
     limit = fields.Int(load_default=500, validate=validate.Range(min=1, max=1000))
@@ -359,6 +376,14 @@ class ChallengeOut(Schema):
 class SessionOut(Schema):
     token = fields.Str()
     expires_at = fields.Str()
+
+
+class UploadOut(Schema):
+    upload_id = fields.Str()
+    media_type = fields.Str()
+    content_type = fields.Str()
+    size = fields.Int()
+    sha256 = fields.Str()
 
 
 class SettlementOut(Schema):

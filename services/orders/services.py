@@ -11,15 +11,18 @@ from sqlalchemy.orm import Session, selectinload
 from shared import errors, logs
 from shared.auth import Caller, hash_secret, new_api_key, new_webhook_secret
 from shared.db import utcnow
+from shared.filetypes import COMPATIBLE
 from shared.ids import new_id
 from shared.money import fee_cents, format_usd
 from shared.outbox import Outbox
 from shared.settings import Settings
+from shared.storage import LocalStorage, make_storage
 
 from . import cache
 from . import statemachine as sm
 from .models import (Agent, Delivery, DeliveryItem, Order, OutboxEvent, Revision, Review, Service, Settlement,
-                     TimelineEntry, Timer)
+                     TimelineEntry, Timer, Upload)
+from .files import Links
 from .payments import ASSET, Expected, destination_for, make_verifier
 
 log = logging.getLogger(__name__)
@@ -36,14 +39,17 @@ class Runtime:
     settings: Settings
     outbox: Outbox
     verifier: object
+    links: Links
+    storage: LocalStorage
 
 
 def build_runtime(settings: Settings, db, celery_app, cache_client) -> tuple[Runtime, cache.OrderViews]:
     """Wire the domain to this process's database, broker and cache (web app and workers alike)."""
-    views = cache.OrderViews(cache_client)
+    links = Links.from_settings(settings)
+    views = cache.OrderViews(cache_client, links)
     views.watch(db.sessionmaker)
     return Runtime(settings, Outbox(OutboxEvent, celery_app, db, relay_task=RELAY_TASK),
-                   make_verifier(settings)), views
+                   make_verifier(settings), links, make_storage(settings)), views
 
 
 # --- agents and services ---------------------------------------------------------------------
@@ -201,7 +207,8 @@ def act(session: Session, rt: Runtime, order: Order, action: str, caller: Caller
     event = row.event
     if action == "resolve":
         event = "order.completed" if target == "completed" else "order.cancelled"
-    data = {"action": action, "from": source, "to": target, **_settlement(order, target, rt.settings, now)}
+    data = {"action": action, "from": source, "to": target, **_settlement(order, target, rt.settings, now),
+            **params.pop("_event", {})}
     if action == "pay":  # the payouts worker funds the order's escrow from this
         data["held_usd"] = format_usd(order.quoted_price_cents)
     _emit(session, rt, order, event, data)
@@ -230,17 +237,52 @@ def _pay(session, rt, order, caller, params, now):
 
 
 def _deliver(session, rt, order, caller, params, now):
+    uploads = _uploads_for(session, order.agent_id, params["deliverables"])
     order.delivery_count += 1
     delivery = Delivery(id=new_id("delivery"), order_id=order.id, number=order.delivery_count, created_at=now)
-    for position, item in enumerate(params["deliverables"]):
-        delivery.items.append(DeliveryItem(
-            id=new_id("item"), position=position, media_type=item["media_type"], title=item.get("title"),
-            url=item["url"], preview_url=None,
-            # image previews are rendered by the media worker; until then the buyer waits
-            preview_status="pending" if item["media_type"] == "image" else None))
+    for position, spec in enumerate(params["deliverables"]):
+        item = DeliveryItem(id=new_id("item"), position=position, media_type=spec["media_type"],
+                            title=spec.get("title"), url=spec.get("url"),
+                            # image previews are rendered by the media worker; until then the buyer waits
+                            preview_status="pending" if spec["media_type"] == "image" else None)
+        upload = uploads.get(position)
+        if upload is not None:
+            item.upload_id, item.storage_key = upload.id, upload.storage_key
+            item.content_type, item.size, item.sha256 = upload.content_type, upload.size, upload.sha256
+            upload.item_id = item.id
+        delivery.items.append(item)
     order.deliveries.append(delivery)
     order.review_deadline_at = now + dt.timedelta(seconds=rt.settings.review_window_seconds)
     _set_timer(session, order, "auto_complete", order.review_deadline_at)
+    # what the media worker needs: where each item's bytes are
+    params["_event"] = {"delivery_id": delivery.id, "items": [
+        {"id": i.id, "media_type": i.media_type, "url": i.url, "storage_key": i.storage_key, "sha256": i.sha256}
+        for i in delivery.items]}
+
+
+def _uploads_for(session: Session, agent_id: str, deliverables: list[dict]) -> dict[int, Upload]:
+    """The agent's own unused uploads named by the deliverables, each agreeing with its declared
+    media type; any problem is a 400 naming the deliverable."""
+    wanted = {i: d["upload_id"] for i, d in enumerate(deliverables) if "upload_id" in d}
+    if not wanted:
+        return {}
+    query = select(Upload).where(Upload.id.in_(set(wanted.values())), Upload.agent_id == agent_id)
+    found = {u.id: u for u in session.scalars(query.with_for_update())}
+    problems, seen = {}, set()
+    for index, upload_id in wanted.items():
+        upload, declared = found.get(upload_id), deliverables[index]["media_type"]
+        if upload is None:
+            problems[str(index)] = {"upload_id": ["Unknown upload_id."]}
+        elif upload.item_id is not None or upload_id in seen:
+            problems[str(index)] = {"upload_id": ["This upload is already in a delivery."]}
+        elif declared not in COMPATIBLE[upload.media_type]:
+            problems[str(index)] = {"media_type": [
+                f"The file is {upload.content_type} ({upload.media_type}), not {declared}."]}
+        seen.add(upload_id)
+    if problems:
+        raise errors.ValidationError("Some deliverables do not match their uploads.",
+                                     {"fields": {"deliverables": problems}})
+    return {index: found[upload_id] for index, upload_id in wanted.items()}
 
 
 def _revision(session, rt, order, caller, params, now):
@@ -392,6 +434,26 @@ def request_payout_retry(session: Session, rt: Runtime, payout_id: str) -> Settl
     rt.outbox.record(session, "payout.retry_requested", {"payout_id": row.id, "order_id": row.order_id},
                      order_id=row.order_id)
     return row
+
+
+# --- media: the media worker's reports -----------------------------------------------------
+
+def apply_media_report(session: Session, order: Order, item: DeliveryItem, report: dict) -> bool:
+    """A preview rendered (and, for an image URL, the fetched original stored), or why not.
+    Reports may repeat; a ready item never goes back to failed."""
+    if item.preview_status == "ready" or (item.preview_status == "failed" and report["status"] == "failed"):
+        return False
+    if report["status"] == "ready":
+        item.preview_status, item.preview_key, item.preview_error = "ready", report["preview_key"], None
+        if report.get("original_key") and item.storage_key is None:
+            item.storage_key = report["original_key"]
+            item.content_type, item.size = report.get("content_type"), report.get("size")
+            item.sha256 = report.get("sha256")
+    else:
+        item.preview_status, item.preview_error = "failed", report["error"]
+    order.updated_at = utcnow()
+    cache.changed(session, order)
+    return True
 
 
 # --- reviews and reputation -------------------------------------------------------------------

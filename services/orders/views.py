@@ -7,7 +7,7 @@ import datetime as dt
 import json
 import secrets
 
-from flask import Blueprint as FlaskBlueprint, Response, current_app, g, request
+from flask import Blueprint as FlaskBlueprint, Response, current_app, g, request, send_file
 from flask_smorest import Blueprint
 from marshmallow import ValidationError as MarshmallowValidationError
 from sqlalchemy import select
@@ -20,11 +20,11 @@ from shared.ids import looks_like
 from shared.money import format_usd
 from shared.web import ok, page, storable
 
-from . import present, services
+from . import files, present, services, uploads
 from . import schemas as s
 from . import cache
 from .cache import STRANGER
-from .models import Agent, Order, SandboxTransfer, Service
+from .models import Agent, Delivery, DeliveryItem, Order, SandboxTransfer, Service
 from .payments import destination_for, record_sandbox_transfer
 from .wallets import verify_signature
 
@@ -34,11 +34,12 @@ services_bp = Blueprint("services", __name__, url_prefix="/api/services", descri
 orders_bp = Blueprint("orders", __name__, url_prefix="/api/orders", description="Orders")
 admin_bp = Blueprint("admin", __name__, url_prefix="/api/admin", description="Admin")
 sandbox_bp = Blueprint("sandbox", __name__, url_prefix="/api/sandbox", description="Sandbox payments")
+files_bp = Blueprint("files", __name__, url_prefix="/api", description="Uploads and delivered files")
 internal = FlaskBlueprint("internal", __name__, url_prefix="/internal")
 
 
 def blueprints():
-    return (auth_bp, agents_bp, services_bp, orders_bp, admin_bp, sandbox_bp)
+    return (auth_bp, agents_bp, services_bp, orders_bp, admin_bp, sandbox_bp, files_bp)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -101,7 +102,7 @@ def _view_after_change(order: Order, caller: Caller) -> dict:
     _db().flush()
     full = present.full_order(order)
     cache.rendered(_db(), order, full)
-    return present.for_role(full, services.party_of(order, caller))
+    return present.for_role(full, services.party_of(order, caller), _rt().links)
 
 
 def _cursor_after(last) -> str | None:
@@ -109,7 +110,7 @@ def _cursor_after(last) -> str | None:
 
 
 def _orders_page(rows, last, caller):
-    return ok(page([present.order(o, caller) for o in rows], _cursor_after(last)))
+    return ok(page([present.order(o, caller, _rt().links) for o in rows], _cursor_after(last)))
 
 
 # --- auth --------------------------------------------------------------------------------------
@@ -274,7 +275,7 @@ def get_order(order_id):
     order = _order_for(order_id, caller)
     full = present.full_order(order)
     views.store(order, full)  # the next read is served from the cache
-    return ok(present.for_role(full, services.party_of(order, caller)))
+    return ok(present.for_role(full, services.party_of(order, caller), _rt().links))
 
 
 @orders_bp.route("/<order_id>", methods=["PATCH"])
@@ -319,10 +320,6 @@ def decline(data, order_id):
 @orders_bp.arguments(s.DeliverIn)
 @orders_bp.response(200, s.envelope_of(s.OrderOut))
 def deliver(data, order_id):
-    uploads = [d["upload_id"] for d in data["deliverables"] if "upload_id" in d]
-    if uploads:
-        # file uploads are not offered yet, so no upload id can name one
-        raise errors.ValidationError("Unknown upload_id.", {"fields": {"deliverables": {"upload_id": uploads}}})
     return _act(order_id, "deliver", data, ("buyer", "agent", "admin"))
 
 
@@ -333,6 +330,57 @@ def review(data, order_id):
     caller = _require("buyer", "agent", "admin")
     order = _order_for(order_id, caller, for_update=True)
     return ok(present.review(services.add_review(_db(), order, caller, data)), 201)
+
+
+# --- uploads and files ------------------------------------------------------------------------
+
+@files_bp.route("/uploads", methods=["POST"])
+@files_bp.doc(requestBody={"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"], "properties": {"file": {"type": "string", "format": "binary"}}}}}})
+@files_bp.response(201, s.envelope_of(s.UploadOut))
+def upload():
+    """Multipart field `file`, at most UPLOAD_MAX_BYTES; typed by its bytes, not its name."""
+    caller = _require("agent")
+    rt = _rt()
+    stored = uploads.receive(request, _db(), rt.storage, caller.id, rt.settings.upload_max_bytes)
+    return ok({"upload_id": stored.id, "media_type": stored.media_type, "content_type": stored.content_type,
+               "size": stored.size, "sha256": stored.sha256}, 201)
+
+
+@files_bp.route("/files/<item_id>/<variant>", methods=["GET"])
+def delivered_file(item_id, variant):
+    """A delivered file or its preview, through a signed link (from the order's view)."""
+    rt = _rt()
+    refused = rt.links.check(item_id, variant, request.args.get("role", ""), request.args.get("expires", ""),
+                             request.args.get("sig", ""))
+    if refused:
+        raise errors.Forbidden("This link is invalid or has expired; get a fresh one from the order.",
+                               {"reason": refused})
+    item = _db().get(DeliveryItem, item_id) if looks_like("item", item_id) else None
+    order = _db().scalar(select(Order).join(Delivery, Delivery.order_id == Order.id)
+                         .where(Delivery.id == item.delivery_id)) if item else None
+    if order is None:
+        raise errors.NotFound("No such file.")
+    role = request.args["role"]
+    caller = g.get("caller")
+    if caller is not None and caller.kind == "buyer" and caller.id == order.client_wallet:
+        role = "buyer"  # a buyer's own credentials never get more than the buyer may have
+    if variant == "original":
+        if not files.original_allowed(role, item.media_type, order.status):
+            raise errors.Forbidden("The original is available once the order is completed.")
+        key, content_type = item.storage_key, item.content_type
+    else:
+        key, content_type = item.preview_key, "image/jpeg"
+    if key is None or not rt.storage.exists(key):
+        raise errors.NotFound("No such file.")
+    response = send_file(rt.storage.local_path(key), mimetype=content_type.split(";")[0].strip(),
+                         conditional=True, max_age=0, etag=True)
+    response.headers["Cache-Control"] = "private, no-store"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    if content_type.split("/")[0] not in ("image", "video"):
+        response.headers["Content-Disposition"] = f'attachment; filename="{item.id}"'
+    return response
 
 
 # --- admin, sandbox ----------------------------------------------------------------------------
@@ -461,3 +509,29 @@ def _rail_record(row: SandboxTransfer) -> dict:
     return {"tx_ref": row.tx_hash, "idempotency_key": row.idempotency_key, "from": row.from_wallet,
             "to": row.to_address, "amount_usd": format_usd(row.amount_cents), "asset": row.asset,
             "chain": row.chain, "created_at": isoformat(row.created_at)}
+
+
+@internal.post("/items/<item_id>/media")
+def internal_item_media(item_id):
+    """The media worker's news of an image item: its preview is ready, or why it failed."""
+    report = _load(s.MediaReportIn, request.get_json(silent=True))
+    item = _db().get(DeliveryItem, item_id) if looks_like("item", item_id) else None
+    if item is None:
+        raise errors.NotFound("No such item.")
+    order = _db().scalar(select(Order).join(Delivery, Delivery.order_id == Order.id)
+                         .where(Delivery.id == item.delivery_id).with_for_update(of=Order))
+    applied = services.apply_media_report(_db(), order, item, report)
+    if applied:
+        _view_after_change(order, Caller("admin", "media"))
+    return ok({"applied": applied})
+
+
+@internal.get("/agents/by-key")
+def internal_agent_by_key():
+    """The agent an API key belongs to (for messaging, which owns no agents); the key comes in a
+    header so it never lands in a URL or an access log."""
+    key = request.headers.get("X-Agent-Key", "")
+    agent = services.agent_by_key(_db(), key) if key.startswith("atl_") and storable(key) else None
+    if agent is None:
+        raise errors.NotFound("No such agent.")
+    return ok({"id": agent.id})

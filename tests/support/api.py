@@ -64,6 +64,14 @@ class ApiClient:
             "id": settlement["id"], "status": status, "version": version,
             "updated_at": "2026-11-29T10:00:00Z", **extra})
 
+    def upload(self, agent: Party, content: bytes, name: str = "file.bin", expect=201):
+        """POST /api/uploads as the agent, the way a browser or curl -F sends a file."""
+        import io
+        status, body = self.call("POST", "/api/uploads", agent, data={"file": (io.BytesIO(content), name)},
+                                 content_type="multipart/form-data")
+        assert status == expect, (status, body)
+        return body["data"] if status < 300 else body
+
     # actors
     def agent(self, name="Agent Smith", **extra) -> Party:
         data = self.ok("POST", "/api/agents", json={"name": name, **extra})

@@ -1,0 +1,1 @@
+"""The media worker: watermarked previews of image deliverables, and image URLs fetched safely."""
