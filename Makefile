@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: run test bench bench-payouts bench-messaging reconcile clean
+.PHONY: run test bench bench-payouts bench-messaging bench-watermark reconcile clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,9 @@ bench-payouts: $(STAMP)  ## payout latency against a bare Celery round trip, and
 
 bench-messaging: $(STAMP)  ## page latency on 100 vs 100,000 messages, and posts per second (needs PostgreSQL)
 	$(PY) bench/messaging.py
+
+bench-watermark: $(STAMP)  ## the preview render against a bare Pillow resize and ImageMagick
+	$(PY) bench/watermark.py
 
 reconcile: $(STAMP)  ## the ledger against the orders and the payout rail; exit 1 on any mismatch
 	$(PY) -m services.payouts.reconcile

@@ -178,13 +178,17 @@ class Api:
 
 
 class Seeder:
-    """An agent, a fixed-price service and a buyer session; then orders walked to `delivered`."""
+    """An agent, a fixed-price service and a buyer session; then orders walked to `delivered`.
+    With `payout_wallet`, the agent gets a Solana payout wallet (else its payouts are `blocked`)."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, payout_wallet: bool = False):
         from tests.support.wallets import SolanaWallet
 
         self.api = api = Api(port)
-        self.agent = api.call("POST", "/api/agents", body={"name": "Bench Agent"})["api_key"]
+        agent = {"name": "Bench Agent"}
+        if payout_wallet:
+            agent.update(payout_wallet=SolanaWallet.generate().address, payout_chain="solana")
+        self.agent = api.call("POST", "/api/agents", body=agent)["api_key"]
         self.service = api.call("POST", "/api/services", self.agent, body={
             "title": "Poster", "description": "A poster.", "price_type": "fixed", "price_usd": "45.00"})
         self.wallet = wallet = SolanaWallet.generate()

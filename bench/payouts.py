@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import noop_worker  # noqa: E402  (the baseline's queue, task and list names)
-from bench.api import Api, SetupError, flush_redis, free_port, loadavg, log, machine, vacuum_analyze  # noqa: E402
+from bench.api import (Api, Errors, Seeder, SetupError, flush_redis, free_port, loadavg, log, machine,  # noqa: E402
+                       vacuum_analyze)
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/orderdesk_bench_payouts"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"  # not bench/api.py's 15: both may run at once
@@ -259,77 +260,7 @@ def wait_idle(tables: Tables, procs: list[Proc], what: str, timeout: float = 300
     log(f"{what}: idle after {time.monotonic() - started:.1f} s")
 
 
-# --- seeding through the API -----------------------------------------------------------------
-
-class Seeder:
-    """An agent with a Solana payout wallet (else payouts are `blocked`), a fixed-price service and
-    a buyer session; then orders walked to `delivered` the way tests/support/api.py walks them."""
-
-    def __init__(self, port: int):
-        from tests.support.wallets import SolanaWallet
-
-        self.api = api = Api(port)
-        self.agent = api.call("POST", "/api/agents", body={
-            "name": "Bench Agent", "payout_wallet": SolanaWallet.generate().address,
-            "payout_chain": "solana"})["api_key"]
-        self.service = api.call("POST", "/api/services", self.agent, body={
-            "title": "Poster", "description": "A poster.", "price_type": "fixed", "price_usd": "45.00"})
-        self.wallet = wallet = SolanaWallet.generate()
-        challenge = api.call("POST", "/api/auth/challenge", body={"wallet": wallet.address, "chain": "solana"})
-        self.buyer = api.call("POST", "/api/auth/session", body={
-            "wallet": wallet.address, "chain": "solana", "nonce": challenge["nonce"],
-            "signature": wallet.sign(challenge["message"])})["token"]
-        self.payment: dict = {}
-
-    def one(self, _i=None) -> str:
-        api, buyer = self.api, self.buyer
-        order = api.call("POST", "/api/orders", buyer, {"service_id": self.service["id"], "brief": "Bench order."})
-        oid = order["id"]
-        if not self.payment:  # the same for every order of this service and buyer
-            self.payment.update(api.call("GET", f"/api/orders/{oid}/payment", buyer))
-        pay = self.payment
-        tx = api.call("POST", "/api/sandbox/transfers", body={
-            "from_wallet": self.wallet.address, "to": pay["destination"], "amount_usd": pay["amount_usd"],
-            "asset": pay["asset"], "chain": pay["chain"]})["tx_hash"]
-        api.call("PATCH", f"/api/orders/{oid}", buyer, {"action": "pay", "escrow_tx_hash": tx})
-        order = api.call("POST", f"/api/orders/{oid}/deliver", self.agent, {
-            "deliverables": [{"url": "https://example.com/result", "media_type": "link"}]})
-        if order["status"] != "delivered":
-            raise SetupError(f"seeding: order {oid} is {order['status']}, not delivered")
-        return oid
-
-    def orders(self, n: int, threads: int = 4) -> list[str]:
-        log(f"seeding {n} delivered orders through the API ...")
-        ids: list[str] = []
-        if not self.payment and n:
-            ids.append(self.one())  # fills `payment` before the threads start
-        started = time.monotonic()
-        pool = ThreadPoolExecutor(threads)
-        try:
-            for oid in pool.map(self.one, range(n - len(ids))):
-                ids.append(oid)
-                if len(ids) % 250 == 0:
-                    log(f"  {len(ids)}/{n} ({len(ids) / (time.monotonic() - started):.1f} orders/s)")
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-        log(f"  seeded {n} in {time.monotonic() - started:.0f} s")
-        return ids
-
-
 # --- measurements ----------------------------------------------------------------------------
-
-class Errors:
-    def __init__(self):
-        self.count = 0
-        self.samples: list[str] = []
-        self.lock = threading.Lock()  # the drain's threads add too
-
-    def add(self, what: str) -> None:
-        with self.lock:
-            self.count += 1
-            if len(self.samples) < 5:
-                self.samples.append(what)
-
 
 def approve(api: Api, buyer: str, oid: str) -> None:
     """One approve; once more on a fresh connection if gunicorn had closed the idle keep-alive one
@@ -537,7 +468,7 @@ def main(argv=None) -> int:
         if bare.trip(timeout=60, alive=alive) is None:  # the first one waits for the worker to start
             raise SetupError(f"the no-op worker ran nothing in 60 s; see {procs[-1].log}")
 
-        seeder = Seeder(port)
+        seeder = Seeder(port, payout_wallet=True)
         ids = seeder.orders(warm_orders + n_orders + n_drain)
         warm, timed, drained = ids[:warm_orders], ids[warm_orders:warm_orders + n_orders], ids[warm_orders + n_orders:]
         wait_idle(tables, procs, "after seeding")

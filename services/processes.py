@@ -51,6 +51,8 @@ PROCESSES: list[Process] = [
     web("messaging", "services.messaging.wsgi:app", SETTINGS.messaging_port, threads=32),
     worker("default"),
     worker("payouts", concurrency=4, app="services.payouts.worker"),
+    # image decoding is CPU work: one render per core
+    worker("media", concurrency=2, app="services.media.worker"),
     beat(),
     web("gateway", "services.gateway.wsgi:app", GATEWAY_PORT, workers=1, threads=16, kind="gateway"),
 ]

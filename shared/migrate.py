@@ -58,3 +58,28 @@ def run_env(metadata, version_table: str) -> None:
     with engine.connect() as connection:
         run(connection)
     engine.dispose()
+
+
+def cli(argv, service: str, migrations_dir: Path, url_of, extra=None) -> int:
+    """A service's `python -m services.<name>.cli migrate|revision -m MSG` (and `extra` commands:
+    a dict of name → (help, function of settings))."""
+    import argparse
+
+    from shared.settings import load
+
+    parser = argparse.ArgumentParser(prog=f"services.{service}.cli")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help=f"create or upgrade the {service} tables")
+    revision_parser = sub.add_parser("revision", help="autogenerate a migration from the models")
+    revision_parser.add_argument("-m", "--message", required=True)
+    for name, (help_text, _fn) in (extra or {}).items():
+        sub.add_parser(name, help=help_text)
+    args = parser.parse_args(argv)
+    settings = load()
+    if args.command == "migrate":
+        upgrade(migrations_dir, url_of(settings))
+    elif args.command == "revision":
+        revision(migrations_dir, url_of(settings), args.message)
+    else:
+        extra[args.command][1](settings)
+    return 0

@@ -1,10 +1,13 @@
 """Fixed-window rate limits counted in Redis, so every process shares one count per caller."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 import redis
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,3 +34,35 @@ def hit(client: redis.Redis, key: str, limit: int, window: int = 60, now: float 
     pipe.expire(bucket, window + 1)
     count = pipe.execute()[0]
     return Verdict(count <= limit, limit, max(0, limit - count), start + window - now)
+
+
+def limit_caller(client: redis.Redis, settings, caller) -> None:
+    """The per-minute budget of one caller (wallet, agent, admin key, or IP when anonymous),
+    shared by every service; the verdict goes on `g` for the response headers."""
+    from flask import g
+
+    from shared import errors
+
+    if not settings.rate_limits:
+        return
+    limit = settings.rate_limit_anonymous_per_minute if caller.kind == "anonymous" else settings.rate_limit_per_minute
+    try:
+        verdict = hit(client, caller.key, limit)
+    except redis.RedisError:
+        log.warning("rate limiter unavailable; letting the request through", exc_info=True)
+        return
+    g.rate_limit = verdict
+    if not verdict.allowed:
+        raise errors.RateLimited(f"Rate limit of {limit} requests per minute reached; retry in "
+                                 f"{verdict.reset} s.", headers=verdict.headers())
+
+
+def add_headers(response):
+    """after_request: the X-RateLimit-* headers of the request's verdict."""
+    from flask import g
+
+    verdict = g.get("rate_limit")
+    if verdict is not None:
+        for key, value in verdict.headers().items():
+            response.headers.setdefault(key, value)
+    return response

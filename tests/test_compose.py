@@ -117,6 +117,15 @@ def test_migrate_runs_every_services_migrations():
     assert argv_of(SERVICES["migrate"]["command"])[1:] == ["-m", "services.migrate"]
 
 
+def test_orders_and_the_media_worker_share_the_file_store():
+    """The media worker writes previews the orders service serves: one volume, one MEDIA_ROOT."""
+    for name in ("orders", "worker-media"):
+        service = SERVICES[name]
+        root = service["environment"]["MEDIA_ROOT"]
+        assert any(v == f"media:{root}" for v in service["volumes"]), (name, service["volumes"])
+    assert "media" in yaml.safe_load((ROOT / "docker-compose.yml").read_text())["volumes"]
+
+
 def test_postgres_is_healthchecked_and_persistent():
     postgres = SERVICES["postgres"]
     assert postgres["image"].startswith("postgres:16")

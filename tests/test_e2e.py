@@ -249,3 +249,39 @@ def test_the_gateway_never_exposes_internal_routes(stack):
         assert status == 404 and body["success"] is False
     doc = gw.http.get(stack["base"] + "/api/openapi.json", timeout=30).json()
     assert "/api/orders/{order_id}" in doc["paths"] and "/api/orders/{order_id}/messages" in doc["paths"]
+
+
+def test_an_uploaded_image_is_previewed_by_the_media_worker_and_its_original_gated(stack):
+    import io
+    from PIL import Image
+    gw = Gateway(stack["base"])
+    seed = stack["seed"]
+    agent_key = seed["agent_api_key"]
+    wallet, buyer = gw.buyer()
+    oid = gw.ok("POST", "/api/orders", buyer, expect=201,
+                json={"service_id": seed["services"]["fixed"], "brief": "A photo of a red fox."})["id"]
+    gw.pay(buyer, wallet, oid)
+    original = io.BytesIO()
+    Image.new("RGB", (1600, 1200), (180, 40, 30)).save(original, "JPEG", quality=90)
+    upload = gw.ok("POST", "/api/uploads", agent_key, expect=201,
+                   files={"file": ("fox.jpg", original.getvalue(), "application/octet-stream")})
+    assert (upload["media_type"], upload["content_type"]) == ("image", "image/jpeg")
+    gw.ok("POST", f"/api/orders/{oid}/deliver", agent_key,
+          json={"deliverables": [{"upload_id": upload["upload_id"], "media_type": "image"}]})
+
+    def item(token):
+        return gw.ok("GET", f"/api/orders/{oid}", token)["deliveries"][0]["items"][0]
+    ready = _wait_for(lambda: (i := item(buyer))["preview_status"] == "ready" and i, timeout=60)
+    assert ready, item(agent_key)
+    assert ready["url"] is None  # the buyer waits for the original
+    preview = gw.http.get(stack["base"] + ready["preview_url"], timeout=30)
+    assert preview.status_code == 200 and preview.headers["Content-Type"] == "image/jpeg"
+    image = Image.open(io.BytesIO(preview.content))
+    assert max(image.size) == 1024 and image.size[0] > image.size[1]
+    agents_link = item(agent_key)["url"]
+    refused = gw.http.get(stack["base"] + agents_link, headers={"Authorization": f"Bearer {buyer}"}, timeout=30)
+    assert refused.status_code == 403
+
+    gw.ok("PATCH", f"/api/orders/{oid}", buyer, json={"action": "approve"})
+    got = gw.http.get(stack["base"] + item(buyer)["url"], timeout=30)
+    assert got.status_code == 200 and got.content == original.getvalue()

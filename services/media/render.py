@@ -3,8 +3,8 @@ metadata, watermarked across the whole picture so no crop removes the mark, and 
 order id so a leaked preview can be traced.
 
 It costs little more than a bare decode-resize-encode: a JPEG decodes at a reduced DCT scale
-(draft mode), the watermark's masks are built once per output size, and the mark is two pastes
-through those masks; nothing runs per pixel in Python."""
+(draft mode), the watermark is built once and cut to each picture's size (panoramas get their own),
+and marking is one paste through its mask; nothing runs per pixel in Python."""
 from __future__ import annotations
 
 import io
@@ -13,7 +13,8 @@ import os
 from functools import lru_cache
 from typing import BinaryIO
 
-from PIL import Image, ImageDraw, ImageFile, ImageFilter, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import (Image, ImageChops, ImageDraw, ImageFile, ImageFilter, ImageFont, ImageMath, ImageOps,
+                 UnidentifiedImageError)
 
 from shared.settings import Settings
 
@@ -48,8 +49,9 @@ def render_preview(source: BinaryIO | str | os.PathLike, order_id: str, settings
             if width * height > limit:
                 raise PreviewRefused(_too_large(width, height, limit))
             picture = _downscaled(original, settings.preview_max_edge)
-    except Image.DecompressionBombError as exc:
-        raise PreviewRefused(f"The image has more pixels than the limit of {limit:,} ({exc}).") from exc
+    except Image.DecompressionBombError as exc:  # Pillow's guard fires in open() for over twice the limit
+        raise PreviewRefused(f"The image has far more pixels than the limit of {limit:,} and is not processed. "
+                             "Deliver a smaller version.") from exc
     except UnidentifiedImageError as exc:
         raise PreviewRefused("The file is not an image we can read (JPEG, PNG, GIF or WebP).") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -98,38 +100,45 @@ def _resizable(im: Image.Image) -> Image.Image:
         return im
     if im.mode.startswith("I"):  # 16-bit grey: scale to 8 bits rather than clip to white
         return im.point(lambda v: v / 256).convert("L")
-    if im.mode in ("P", "PA", "LA", "La", "RGBa") or "transparency" in im.info:
+    if im.mode in ("PA", "LA", "La", "RGBa") or "transparency" in im.info:
         return im.convert("RGBA")
     return im.convert("RGB")
 
 
 def _watermark(picture: Image.Image) -> None:
-    outline, letters = _marks(picture.size)
-    picture.paste((0, 0, 0), (0, 0), outline)
-    picture.paste((255, 255, 255), (0, 0), letters)
+    long, short = max(picture.size), min(picture.size)
+    # letters sized by the long edge, smaller for a narrow strip so it still gets whole words
+    overlay, mask = _mark(long, max(10, min(long // 16, short // 8)))
+    box = (0, 0, picture.width, picture.height)
+    picture.paste(overlay.crop(box), (0, 0), mask.crop(box))
 
 
 @lru_cache(maxsize=8)
-def _marks(size: tuple[int, int]) -> tuple[Image.Image, Image.Image]:
-    """The watermark's two masks for one output size: a dark outline (shows on light pictures)
-    and light letters (show on dark ones), as diagonal rows of text over the whole picture."""
-    width, height = size
-    font = _font(max(10, max(size) // 16))
+def _mark(edge: int, text_size: int) -> tuple[Image.Image, Image.Image]:
+    """The watermark as an edge × edge square to cut pictures' marks from (so the usual aspect
+    ratios share one): diagonal rows of text, light letters (seen on dark pictures) over a dark
+    outline (seen on light ones). Both layers fold into one overlay and one mask, so marking a
+    picture is a single paste."""
+    font = _font(text_size)
     left, top, right, bottom = font.getbbox(MARK_TEXT)
     pad = max(1, font.size // 14)
     cell = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad))
     ImageDraw.Draw(cell).text((pad - left, pad - top), MARK_TEXT, fill=255, font=font)
     cell_outline = cell.filter(ImageFilter.MaxFilter(2 * pad + 1))
-    # a square whose rotation still covers the whole picture
-    side = math.isqrt(width * width + height * height) + 2
+    side = math.isqrt(2 * edge * edge) + 2  # a square whose rotation still covers the edge × edge one
     letters, outline = Image.new("L", (side, side)), Image.new("L", (side, side))
     step_x, step_y = cell.width * 3 // 2, cell.height * 2
     for row, y in enumerate(range(-step_y // 2, side, step_y)):
         for x in range(-(row % 2) * step_x // 2, side, step_x):
             letters.paste(cell, (x, y))
             outline.paste(cell_outline, (x, y))
-    box = ((side - width) // 2, (side - height) // 2, (side - width) // 2 + width, (side - height) // 2 + height)
-    return _faded(outline, box, MARK_DARK_ALPHA), _faded(letters, box, MARK_LIGHT_ALPHA)
+    margin = (side - edge) // 2
+    box = (margin, margin, margin + edge, margin + edge)
+    letters, outline = _faded(letters, box, MARK_LIGHT_ALPHA), _faded(outline, box, MARK_DARK_ALPHA)
+    # black through `outline`, then white through `letters`, is one paste of `shade` through `mask`
+    mask = ImageChops.screen(outline, letters)
+    shade = ImageMath.lambda_eval(lambda m: m["letters"] * 255 / m["mask"], letters=letters, mask=mask).convert("L")
+    return Image.merge("RGB", (shade, shade, shade)), mask
 
 
 def _faded(mask: Image.Image, box: tuple[int, int, int, int], alpha: int) -> Image.Image:

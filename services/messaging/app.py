@@ -139,28 +139,10 @@ def _install_auth_and_limits(app: Flask, rt: Runtime) -> None:
             return
         rt.background.ensure_started()
         g.caller = _resolve_caller(rt)
-        if not settings.rate_limits:
-            return
         # the same per-minute budget per caller as the orders service (the same Redis keys)
-        anonymous = g.caller.kind == "anonymous"
-        limit = settings.rate_limit_anonymous_per_minute if anonymous else settings.rate_limit_per_minute
-        try:
-            verdict = ratelimit.hit(rt.cache, g.caller.key, limit)
-        except redis.RedisError:
-            log.warning("rate limiter unavailable; letting the request through", exc_info=True)
-            return
-        g.rate_limit = verdict
-        if not verdict.allowed:
-            raise errors.RateLimited(f"Rate limit of {limit} requests per minute reached; retry in "
-                                     f"{verdict.reset} s.", headers=verdict.headers())
+        ratelimit.limit_caller(rt.cache, settings, g.caller)
 
-    @app.after_request
-    def _limit_headers(response):
-        verdict = g.get("rate_limit")
-        if verdict is not None:
-            for key, value in verdict.headers().items():
-                response.headers.setdefault(key, value)
-        return response
+    app.after_request(ratelimit.add_headers)
 
 
 def _resolve_caller(rt: Runtime) -> Caller:

@@ -88,27 +88,9 @@ def _install_auth_and_limits(app: Flask, db: Database, cache: redis.Redis, setti
         if not request.path.startswith("/api/") or request.path == "/api/openapi.json":
             return
         g.caller = _resolve_caller(db, settings)
-        if not settings.rate_limits:
-            return
-        anonymous = g.caller.kind == "anonymous"
-        limit = settings.rate_limit_anonymous_per_minute if anonymous else settings.rate_limit_per_minute
-        try:
-            verdict = ratelimit.hit(cache, g.caller.key, limit)
-        except redis.RedisError:
-            log.warning("rate limiter unavailable; letting the request through", exc_info=True)
-            return
-        g.rate_limit = verdict
-        if not verdict.allowed:
-            raise errors.RateLimited(f"Rate limit of {limit} requests per minute reached; retry in "
-                                     f"{verdict.reset} s.", headers=verdict.headers())
+        ratelimit.limit_caller(cache, settings, g.caller)
 
-    @app.after_request
-    def _limit_headers(response):
-        verdict = g.get("rate_limit")
-        if verdict is not None:
-            for key, value in verdict.headers().items():
-                response.headers.setdefault(key, value)
-        return response
+    app.after_request(ratelimit.add_headers)
 
 
 def _resolve_caller(db: Database, settings: Settings) -> Caller:
