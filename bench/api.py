@@ -110,7 +110,7 @@ class Server:
 # --- storage -------------------------------------------------------------------------------
 
 def fresh_database(url: str, env: dict) -> None:
-    """Drop and create the bench database, then build the schema with the migrations."""
+    """Drop and create the bench database, then build every service's tables with the migrations."""
     import psycopg
     from psycopg import sql
 
@@ -125,7 +125,7 @@ def fresh_database(url: str, env: dict) -> None:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     except psycopg.Error as exc:
         raise SetupError(f"cannot recreate database {name!r} at {parts.hostname}: {exc}") from exc
-    done = subprocess.run([sys.executable, "-m", "services.orders.cli", "migrate"], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "services.migrate"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     if done.returncode:
         raise SetupError(f"migrate failed:\n{done.stdout}{done.stderr}")

@@ -26,44 +26,21 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.api import (GUNICORN, Conn, Errors, Seeder, Server, SetupError, flush_redis, http_request,  # noqa: E402
-                       loadavg, log, machine, measure, vacuum_analyze)
+from bench.api import (GUNICORN, Conn, Errors, Seeder, Server, SetupError, flush_redis, fresh_database,  # noqa: E402
+                       http_request, loadavg, log, machine, measure, vacuum_analyze)
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/orderdesk_bench_messaging"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 SIZES = {"small": 100, "large": 100_000}
 TARGET_RATIO = 1.5  # the large conversation's page latency ≤ this × the small one's
-
-
-def fresh_database(url: str, env: dict) -> None:
-    """Drop and create the bench database, then build every service's tables with the migrations."""
-    import psycopg
-    from psycopg import sql
-
-    parts = urlsplit(url)
-    name = parts.path.lstrip("/")
-    if not name or name in ("postgres", "template0", "template1"):
-        raise SetupError(f"BENCH_DATABASE_URL must name a database of its own, not {name!r}")
-    admin_url = urlunsplit((parts.scheme.split("+")[0], parts.netloc, "/postgres", parts.query, ""))
-    try:
-        with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    except psycopg.Error as exc:
-        raise SetupError(f"cannot recreate database {name!r} at {parts.hostname}: {exc}") from exc
-    done = subprocess.run([sys.executable, "-m", "services.migrate"], cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SetupError(f"migrate failed:\n{done.stdout}{done.stderr}")
 
 
 def seed_messages(url: str, order_id: str, n: int, wallet: str, agent_id: str) -> int:

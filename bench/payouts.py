@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import noop_worker  # noqa: E402  (the baseline's queue, task and list names)
-from bench.api import (Api, Errors, Seeder, SetupError, flush_redis, free_port, loadavg, log, machine,  # noqa: E402
-                       vacuum_analyze)
+from bench.api import (Api, Errors, Seeder, SetupError, flush_redis, free_port, fresh_database, loadavg, log,  # noqa: E402
+                       machine, vacuum_analyze)
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/orderdesk_bench_payouts"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"  # not bench/api.py's 15: both may run at once
@@ -158,28 +158,6 @@ def plain(url: str) -> str:
     """A libpq URL (no SQLAlchemy driver suffix) for psycopg."""
     parts = urlsplit(url)
     return urlunsplit((parts.scheme.split("+")[0], *parts[1:]))
-
-
-def fresh_database(url: str, env: dict) -> None:
-    """Drop and create the bench database, then build every service's tables with the migrations."""
-    import psycopg
-    from psycopg import sql
-
-    parts = urlsplit(url)
-    name = parts.path.lstrip("/")
-    if not name or name in ("postgres", "template0", "template1"):
-        raise SetupError(f"BENCH_DATABASE_URL must name a database of its own, not {name!r}")
-    admin_url = urlunsplit((parts.scheme.split("+")[0], parts.netloc, "/postgres", parts.query, ""))
-    try:
-        with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    except psycopg.Error as exc:
-        raise SetupError(f"cannot recreate database {name!r} at {parts.hostname}: {exc}") from exc
-    done = subprocess.run([sys.executable, "-m", "services.migrate"], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise SetupError(f"migrate failed:\n{done.stdout}{done.stderr}")
 
 
 class Tables:
