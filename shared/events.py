@@ -31,7 +31,7 @@ SUBSCRIPTIONS = (
     Subscription("payouts.retry", "payouts", frozenset({"payout.retry_requested"})),
     Subscription("payouts.resume_agent", "payouts", frozenset({"agent.payout_wallet_set"})),
     # image deliverables get their watermarked previews (and URL images are fetched)
-    Subscription("media.process_delivery", "media", frozenset({"order.delivered"})),
+    Subscription("media.process_delivery", "media", frozenset({"order.delivered", "media.retry_requested"})),
     # agents hear about every order event
     Subscription("webhooks.deliver_event", "webhooks", ORDER_EVENTS),
 )

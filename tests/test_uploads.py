@@ -282,3 +282,23 @@ def test_the_delivered_event_tells_the_media_worker_where_each_image_is(api, db)
     assert image["id"] == gate.image_id and image["media_type"] == "image"
     assert image["storage_key"].startswith("uploads/") and len(image["sha256"]) == 64 and image["url"] is None
     assert pdf["media_type"] == "document"
+
+
+def test_a_preview_still_pending_after_a_while_is_asked_for_again(api, db):
+    import datetime as dt
+    from sqlalchemy import select, update
+    from services.orders import services
+    from services.orders.models import Delivery, OutboxEvent
+    gate = Gate(api, ready=False)
+    done = Gate(api)  # its preview is ready: nothing to ask
+    rt = api.app.extensions["orders_runtime"]
+    now = dt.datetime.now(dt.timezone.utc)
+    with db.transaction() as session:
+        assert services.request_stuck_previews(session, rt, now - dt.timedelta(minutes=15)) == 0  # too recent
+        session.execute(update(Delivery).values(created_at=now - dt.timedelta(hours=1)))
+    with db.transaction() as session:
+        assert services.request_stuck_previews(session, rt, now - dt.timedelta(minutes=15)) == 1
+    with db.transaction() as session:
+        [event] = session.scalars(select(OutboxEvent).where(OutboxEvent.event == "media.retry_requested")).all()
+    assert event.order_id == gate.oid and [i["id"] for i in event.data["items"]] == [gate.image_id]
+    assert done.oid != gate.oid

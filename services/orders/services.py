@@ -456,6 +456,24 @@ def apply_media_report(session: Session, order: Order, item: DeliveryItem, repor
     return True
 
 
+def request_stuck_previews(session: Session, rt: Runtime, older_than: dt.datetime, limit: int = 500) -> int:
+    """Ask the media worker again for image items still pending after a while (its report never
+    arrived, or its message was lost). Rendering is keyed by content, so asking twice is harmless."""
+    rows = session.execute(
+        select(DeliveryItem, Delivery.order_id).join(Delivery, Delivery.id == DeliveryItem.delivery_id)
+        .where(DeliveryItem.preview_status == "pending", Delivery.created_at < older_than)
+        .order_by(Delivery.created_at).limit(limit)).all()
+    by_order: dict[str, list[dict]] = {}
+    for item, order_id in rows:
+        by_order.setdefault(order_id, []).append(
+            {"id": item.id, "media_type": item.media_type, "url": item.url, "storage_key": item.storage_key,
+             "sha256": item.sha256})
+    for order_id, items in by_order.items():
+        rt.outbox.record(session, "media.retry_requested", {"order_id": order_id, "items": items},
+                         order_id=order_id)
+    return len(rows)
+
+
 # --- reviews and reputation -------------------------------------------------------------------
 
 def add_review(session: Session, order: Order, caller: Caller, data: dict) -> Review:

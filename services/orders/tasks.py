@@ -22,6 +22,7 @@ app.conf.beat_schedule = {
     "relay-outbox": {"task": services.RELAY_TASK, "schedule": settings.outbox_sweep_seconds},
     "fire-due-timers": {"task": "orders.fire_due_timers", "schedule": settings.timer_sweep_seconds},
     "prune": {"task": "orders.prune", "schedule": 3600.0},
+    "stuck-previews": {"task": "orders.request_stuck_previews", "schedule": 600.0},
     # the payouts worker's own sweep, sent by name to its queue (one beat for the whole system)
     "payouts-sweep": {"task": "payouts.sweep", "schedule": settings.payout_sweep_seconds,
                       "options": {"queue": "payouts"}},
@@ -72,6 +73,17 @@ def sweep_timers(db: Database, rt: services.Runtime, now=None) -> int:
         except Exception:
             log.exception("timer %s failed; it stays due and the next sweep retries it", timer_id)
     return fired
+
+
+@app.task(name="orders.request_stuck_previews", acks_late=True)
+def request_stuck_previews() -> int:
+    db, rt = runtime()
+    with db.transaction() as session:
+        return services.request_stuck_previews(session, rt, utcnow() - dt.timedelta(seconds=STUCK_PREVIEW_SECONDS))
+
+
+# an image still pending this long after its delivery is asked for again
+STUCK_PREVIEW_SECONDS = 900
 
 
 @app.task(name="orders.prune", acks_late=True)
