@@ -443,3 +443,15 @@ def test_the_sweep_leaves_a_fresh_payout_to_the_task_that_created_it(desk):
     assert engine.due_ids(now, grace_seconds=30) == []
     assert engine.unreported_ids(now, grace_seconds=30) == []  # orders already shows it pending
     assert engine.due_ids(now + dt.timedelta(seconds=31), grace_seconds=30) == [payout_id]  # its message was lost
+
+
+def test_processed_event_ids_are_forgotten_after_the_retention_period(desk):
+    from services.payouts.models import ProcessedEvent
+    agent, buyer, order, _ = desk.completed()
+    engine = desk.engine()
+    desk.take_all(engine, order["id"])
+    with desk.db.transaction() as session:
+        kept = session.scalars(select(ProcessedEvent.id)).all()
+    assert len(kept) == 2  # order.paid and order.completed
+    assert engine.prune(utcnow()) == 0
+    assert engine.prune(utcnow() + dt.timedelta(days=desk.settings.retention_days, seconds=1)) == 2

@@ -26,6 +26,7 @@ app.conf.beat_schedule = {
     # the payouts worker's own sweep, sent by name to its queue (one beat for the whole system)
     "payouts-sweep": {"task": "payouts.sweep", "schedule": settings.payout_sweep_seconds,
                       "options": {"queue": "payouts"}},
+    "payouts-prune": {"task": "payouts.prune", "schedule": 3600.0, "options": {"queue": "payouts"}},
 }
 
 

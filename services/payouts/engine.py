@@ -13,7 +13,7 @@ import logging
 import random
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -241,6 +241,13 @@ class Engine:
             if agent_id:
                 query = query.where(Payout.agent_id == agent_id)
             return list(session.scalars(query.order_by(Payout.created_at)))
+
+    def prune(self, now: dt.datetime) -> int:
+        """Forget processed event ids older than RETENTION_DAYS: the orders service prunes the
+        events themselves then, so none of them can be delivered again."""
+        kept_since = now - dt.timedelta(days=self.settings.retention_days)
+        with self.db.transaction() as session:
+            return session.execute(delete(ProcessedEvent).where(ProcessedEvent.processed_at < kept_since)).rowcount
 
     def blocked_agents(self) -> list[str]:
         with self.db.transaction() as session:

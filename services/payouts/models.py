@@ -85,7 +85,7 @@ class ProcessedEvent(Base):
     """Order events already taken: a redelivered message is recognised by its event id."""
     __tablename__ = "payouts_processed_events"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    processed_at = mapped_column(UTCDateTime(), nullable=False)
+    processed_at = mapped_column(UTCDateTime(), nullable=False, index=True)
 
 
 class SyncState(Base):

@@ -88,6 +88,11 @@ def resume_agent(message: dict) -> int:
     return len(resumed)
 
 
+@app.task(name="payouts.prune", acks_late=True)
+def prune() -> int:
+    return engine().prune(utcnow())
+
+
 @app.task(name="payouts.sweep", acks_late=True)
 def sweep() -> dict:
     return run_sweep(engine())
