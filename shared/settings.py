@@ -74,6 +74,7 @@ class Settings:
     # Files: uploads, originals and previews, and the signed links that serve them.
     media_root: str = ""  # empty: var/media
     upload_max_bytes: int = 50 * 1024 * 1024
+    unused_upload_ttl_seconds: int = 7 * 24 * 3600
     file_link_secret: str = "dev-file-link-secret-change-me"
     file_link_ttl_seconds: int = 900
     preview_max_edge: int = 1024

@@ -3,7 +3,7 @@ import datetime as dt
 
 from sqlalchemy import func, select
 
-from services.orders.models import IdempotencyRecord, OutboxEvent, Timer
+from services.orders.models import IdempotencyRecord, OutboxEvent, Timer, Upload
 from services.orders.tasks import prune
 from shared.db import utcnow
 
@@ -20,7 +20,8 @@ def test_prune_keeps_what_is_owed_and_drops_what_is_old(api, app, db, settings):
     app.extensions["orders_runtime"].outbox.relay()  # publish all events
     events, timers = _count(db, OutboxEvent), _count(db, Timer)
 
-    assert prune(db, settings) == {"idempotency_keys": 0, "outbox_events": 0, "order_timers": 0}
+    assert prune(db, settings) == {"idempotency_keys": 0, "outbox_events": 0, "order_timers": 0,
+                                   "unused_uploads": 0}
     later = utcnow() + dt.timedelta(days=settings.retention_days + 1)
     counts = prune(db, settings, now=later)
     assert counts["idempotency_keys"] == 1
@@ -47,3 +48,20 @@ def test_an_expired_idempotency_key_starts_afresh(make_app):
     again = api.call("POST", "/api/orders", buyer, json=body, headers={"Idempotency-Key": "k"})
     assert first[1]["data"]["id"] != again[1]["data"]["id"]
     assert _count(api.app.extensions["db"], IdempotencyRecord) == 1  # the expired record was replaced
+
+
+def test_an_upload_no_delivery_took_is_deleted_with_its_file_and_a_delivered_one_is_kept(api, app, db, settings):
+    from tests.test_uploads import png
+    storage = app.extensions["orders_runtime"].storage
+    agent, buyer, order = api.order_in("paid")
+    kept = api.upload(agent, png(), "kept.png")
+    api.ok("POST", f"/api/orders/{order['id']}/deliver", agent,
+           json={"deliverables": [{"upload_id": kept["upload_id"], "media_type": "image"}]})
+    dropped = api.upload(agent, png(), "dropped.png")
+    with db.transaction() as session:
+        keys = dict(session.execute(select(Upload.id, Upload.storage_key)).all())
+    assert prune(db, settings, storage=storage)["unused_uploads"] == 0  # too recent
+    later = utcnow() + dt.timedelta(seconds=settings.unused_upload_ttl_seconds + 1)
+    assert prune(db, settings, now=later, storage=storage)["unused_uploads"] == 1
+    assert not storage.exists(keys[dropped["upload_id"]]) and storage.exists(keys[kept["upload_id"]])
+    assert _count(db, Upload) == 1

@@ -13,7 +13,7 @@ from shared.db import Database, utcnow
 from shared.settings import load
 
 from . import services
-from .models import IdempotencyRecord, OutboxEvent, Timer
+from .models import IdempotencyRecord, OutboxEvent, Timer, Upload
 
 log = logging.getLogger(__name__)
 settings = load()
@@ -90,14 +90,23 @@ STUCK_PREVIEW_SECONDS = 900
 @app.task(name="orders.prune", acks_late=True)
 def prune_task() -> dict:
     db, rt = runtime()
-    return prune(db, rt.settings)
+    return prune(db, rt.settings, storage=rt.storage)
 
 
-def prune(db: Database, settings, now=None) -> dict:
+def prune(db: Database, settings, now=None, storage=None) -> dict:
     """Delete what no one can use any more: expired idempotency records, old published events,
-    old fired timers. Unpublished events and pending timers are never touched."""
+    old fired timers, uploads never delivered (with their files). Unpublished events, pending
+    timers and delivered files are never touched."""
     now = now or utcnow()
     kept_since = now - dt.timedelta(days=settings.retention_days)
+    with db.transaction() as session:
+        stale = session.execute(delete(Upload).where(
+            Upload.item_id.is_(None),
+            Upload.created_at < now - dt.timedelta(seconds=settings.unused_upload_ttl_seconds))
+            .returning(Upload.storage_key)).scalars().all()
+    if storage is not None:
+        for key in stale:  # after the commit: a file with no row is harmless, a row with no file is not
+            storage.delete(key)
     with db.transaction() as session:
         counts = {
             "idempotency_keys": session.execute(delete(IdempotencyRecord).where(
@@ -106,6 +115,7 @@ def prune(db: Database, settings, now=None) -> dict:
                 OutboxEvent.published_at.is_not(None), OutboxEvent.published_at < kept_since)).rowcount,
             "order_timers": session.execute(delete(Timer).where(
                 Timer.fired_at.is_not(None), Timer.fired_at < kept_since)).rowcount,
+            "unused_uploads": len(stale),
         }
     log.info("pruned %s", counts)
     return counts
