@@ -54,30 +54,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """One gunicorn master in its own session; stop() ends it and anything left in its group."""
+class Proc:
+    """One process in its own session, output to a log; stop() ends its whole group."""
 
-    def __init__(self, name: str, app: str, env: dict, logdir: Path, ready_path: str):
-        self.name, self.app, self.env, self.ready_path = name, app, env, ready_path
+    def __init__(self, name: str, argv: list[str], env: dict, logdir: Path, health_url: str | None = None):
+        self.name, self.argv, self.env, self.health_url = name, argv, env, health_url
         self.log = logdir / f"{name}.log"
-        self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        argv = [sys.executable, "-m", "gunicorn", *GUNICORN, "--bind", f"127.0.0.1:{self.port}",
-                "--chdir", str(ROOT), self.app]  # no --access-logfile: gunicorn's access log is off
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.log, "wb") as log_file:
+            self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
+                                         stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def check(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise SetupError(f"{self.name} exited with {self.proc.returncode}; see {self.log}")
 
     def wait_ready(self, timeout: float = 60) -> None:
+        if not self.health_url:
+            return
+        parts = urlsplit(self.health_url)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SetupError(f"{self.name} server exited with {self.proc.returncode}; see {self.log}")
+            self.check()
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                conn.request("GET", self.ready_path)
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=2)
+                conn.request("GET", parts.path)
                 status = conn.getresponse().status
                 conn.close()
                 if status == 200:
@@ -85,19 +88,19 @@ class Server:
             except OSError:
                 pass
             time.sleep(0.2)
-        raise SetupError(f"{self.name} server not ready after {timeout:.0f} s; see {self.log}")
+        raise SetupError(f"{self.name} not ready after {timeout:.0f} s; see {self.log}")
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is None:
             return
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # graceful: the master stops its workers
+            proc.send_signal(signal.SIGTERM)  # graceful: gunicorn's master and Celery stop their children
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 pass
-        try:  # the master's group is its own (new session): workers it failed to reap
+        try:  # its own session's group: children it failed to reap
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
@@ -105,6 +108,16 @@ class Server:
             proc.wait(5)
         except subprocess.TimeoutExpired:
             pass
+
+
+class Server(Proc):
+    """One gunicorn master serving `app` on a free port, with the bench's gunicorn settings."""
+
+    def __init__(self, name: str, app: str, env: dict, logdir: Path, ready_path: str):
+        self.port = free_port()
+        argv = [sys.executable, "-m", "gunicorn", *GUNICORN, "--bind", f"127.0.0.1:{self.port}",
+                "--chdir", str(ROOT), app]  # no --access-logfile: gunicorn's access log is off
+        super().__init__(name, argv, env, logdir, f"http://127.0.0.1:{self.port}{ready_path}")
 
 
 # --- storage -------------------------------------------------------------------------------

@@ -27,10 +27,8 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import noop_worker  # noqa: E402  (the baseline's queue, task and list names)
-from bench.api import (Api, Errors, Seeder, SetupError, flush_redis, free_port, fresh_database, loadavg, log,  # noqa: E402
+from bench.api import (Api, Errors, Proc, Seeder, SetupError, flush_redis, free_port, fresh_database, loadavg, log,  # noqa: E402
                        machine, vacuum_analyze)
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/orderdesk_bench_payouts"
@@ -56,62 +54,6 @@ STALL_SECONDS = 30.0  # a payout not sent after this (three sweeps) is reported 
 
 
 # --- processes -------------------------------------------------------------------------------
-
-class Proc:
-    """One process of the table in its own session, output to a log; stop() ends its whole group."""
-
-    def __init__(self, name: str, argv: list[str], env: dict, logdir: Path, health_url: str | None = None):
-        self.name, self.argv, self.env, self.health_url = name, argv, env, health_url
-        self.log = logdir / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.log, "wb") as log_file:
-            self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
-                                         stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def check(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise SetupError(f"{self.name} exited with {self.proc.returncode}; see {self.log}")
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        if not self.health_url:
-            return
-        parts = urlsplit(self.health_url)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check()
-            try:
-                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=2)
-                conn.request("GET", parts.path)
-                status = conn.getresponse().status
-                conn.close()
-                if status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise SetupError(f"{self.name} not ready after {timeout:.0f} s; see {self.log}")
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # graceful: gunicorn's master and Celery stop their children
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # its own session's group: children it failed to reap
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-
 
 def replaced(argv: tuple[str, ...], option: str, value: str) -> list[str]:
     out = list(argv)
