@@ -6,6 +6,7 @@ import threading
 import requests
 
 from shared import logs
+from shared.auth import SERVICE_TOKEN_HEADER
 
 
 class InternalError(Exception):
@@ -52,12 +53,12 @@ class InternalClient:
         return self._call("POST", path, json=body)
 
     def _call(self, method: str, path: str, **kwargs):
-        headers = {"X-Service-Token": self.token}
+        headers = {SERVICE_TOKEN_HEADER: self.token}
         if logs.request_id.get():
             headers[logs.REQUEST_ID_HEADER] = logs.request_id.get()
         try:
             response = self._sessions.get().request(method, self.base_url + path, headers=headers,
-                                               timeout=self.timeout, **kwargs)
+                                                    timeout=self.timeout, **kwargs)
         except requests.ConnectTimeout as exc:
             raise Unavailable(f"{method} {path}: cannot connect", ambiguous=False) from exc
         except requests.RequestException as exc:

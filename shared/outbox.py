@@ -42,7 +42,7 @@ class Outbox:
     unpublished, publishing it, so a lost hand-off delays, never loses.
     """
 
-    def __init__(self, model, celery_app, database, relay_task: str):
+    def __init__(self, model, celery_app, database, relay_task: str | None):
         self.model = model
         self.celery = celery_app
         self.db = database
@@ -60,8 +60,15 @@ class Outbox:
 
     def _hand_off(self, rows: list) -> None:
         """Publish a committed transaction's events to their consumers at once (no relay hop on
-        the way to them), then ask the relay to mark them published. If this process dies in
-        between, the sweep publishes them again: consumers are idempotent by event id."""
+        the way to them), then ask the relay to mark them published; a service with no relay task
+        (`relay_task=None`) marks them here. If this process dies in between, the sweep publishes
+        them again: consumers are idempotent by event id."""
+        if self.relay_task is None:
+            try:
+                self.relay([row.id for row in rows])
+            except Exception:  # the sweep publishes whatever this missed
+                log.warning("relaying events after commit failed; the sweep will", exc_info=True)
+            return
         try:
             with self.celery.producer_or_acquire() as producer:
                 for row in rows:

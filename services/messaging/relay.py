@@ -23,15 +23,8 @@ BATCH = 200
 
 class MessagingOutbox(Outbox):
     def __init__(self, model, celery_app, database):
-        # no relay task: this process publishes its own events (see _hand_off)
-        super().__init__(model, celery_app, database, relay_task="messaging.relay_outbox")
-
-    def _hand_off(self, rows: list) -> None:
-        """After commit: publish this transaction's events and mark them published, here and now."""
-        try:
-            self.relay([row if isinstance(row, str) else row.id for row in rows])
-        except Exception:  # the sweeper publishes whatever this missed
-            log.warning("relaying events after commit failed; the sweeper will", exc_info=True)
+        # no relay task: this process publishes and marks its own events right after the commit
+        super().__init__(model, celery_app, database, relay_task=None)
 
     def sweep(self, older_than_seconds: float) -> int:
         """Relay events left unpublished for longer than the after-commit relay normally takes."""

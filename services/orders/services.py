@@ -255,9 +255,13 @@ def _deliver(session, rt, order, caller, params, now):
     order.review_deadline_at = now + dt.timedelta(seconds=rt.settings.review_window_seconds)
     _set_timer(session, order, "auto_complete", order.review_deadline_at)
     # what the media worker needs: where each item's bytes are
-    params["_event"] = {"delivery_id": delivery.id, "items": [
-        {"id": i.id, "media_type": i.media_type, "url": i.url, "storage_key": i.storage_key, "sha256": i.sha256}
-        for i in delivery.items]}
+    params["_event"] = {"delivery_id": delivery.id, "items": [_media_item(i) for i in delivery.items]}
+
+
+def _media_item(item: DeliveryItem) -> dict:
+    """Where an item's bytes are, as the media worker reads it."""
+    return {"id": item.id, "media_type": item.media_type, "url": item.url, "storage_key": item.storage_key,
+            "sha256": item.sha256}
 
 
 def _uploads_for(session: Session, agent_id: str, deliverables: list[dict]) -> dict[int, Upload]:
@@ -465,9 +469,7 @@ def request_stuck_previews(session: Session, rt: Runtime, older_than: dt.datetim
         .order_by(Delivery.created_at).limit(limit)).all()
     by_order: dict[str, list[dict]] = {}
     for item, order_id in rows:
-        by_order.setdefault(order_id, []).append(
-            {"id": item.id, "media_type": item.media_type, "url": item.url, "storage_key": item.storage_key,
-             "sha256": item.sha256})
+        by_order.setdefault(order_id, []).append(_media_item(item))
     for order_id, items in by_order.items():
         rt.outbox.record(session, "media.retry_requested", {"order_id": order_id, "items": items},
                          order_id=order_id)

@@ -332,6 +332,15 @@ def review(data, order_id):
     return ok(present.review(services.add_review(_db(), order, caller, data)), 201)
 
 
+def _item_and_order(item_id: str, for_update: bool = False) -> tuple[DeliveryItem | None, Order | None]:
+    """A delivered item and its order (the order row locked when asked), or Nones."""
+    item = _db().get(DeliveryItem, item_id) if looks_like("item", item_id) else None
+    if item is None:
+        return None, None
+    query = select(Order).join(Delivery, Delivery.order_id == Order.id).where(Delivery.id == item.delivery_id)
+    return item, _db().scalar(query.with_for_update(of=Order) if for_update else query)
+
+
 # --- uploads and files ------------------------------------------------------------------------
 
 @files_bp.route("/uploads", methods=["POST"])
@@ -356,9 +365,7 @@ def delivered_file(item_id, variant):
     if refused:
         raise errors.Forbidden("This link is invalid or has expired; get a fresh one from the order.",
                                {"reason": refused})
-    item = _db().get(DeliveryItem, item_id) if looks_like("item", item_id) else None
-    order = _db().scalar(select(Order).join(Delivery, Delivery.order_id == Order.id)
-                         .where(Delivery.id == item.delivery_id)) if item else None
+    item, order = _item_and_order(item_id)
     if order is None:
         raise errors.NotFound("No such file.")
     role = request.args["role"]
@@ -473,7 +480,7 @@ def internal_settlement_report(order_id):
 def internal_rail_send():
     """The sandbox payout rail: one transfer per idempotency key, ever; a repeat returns the first."""
     data = _load(s.RailTransferIn, request.get_json(silent=True))
-    existing = _db().scalar(select(SandboxTransfer).where(SandboxTransfer.idempotency_key == data["idempotency_key"]))
+    existing = _rail_transfer(data["idempotency_key"])
     if existing is None:
         try:
             with _db().begin_nested():
@@ -481,14 +488,13 @@ def internal_rail_send():
                                                    data["amount_cents"], data["asset"], data["chain"],
                                                    idempotency_key=data["idempotency_key"])
         except IntegrityError:  # the same key raced in from another call: that one stands
-            existing = _db().scalar(select(SandboxTransfer)
-                                    .where(SandboxTransfer.idempotency_key == data["idempotency_key"]))
+            existing = _rail_transfer(data["idempotency_key"])
     return ok(_rail_record(existing), 201)
 
 
 @internal.get("/sandbox/rail/<path:key>")
 def internal_rail_lookup(key):
-    row = _db().scalar(select(SandboxTransfer).where(SandboxTransfer.idempotency_key == key)) if storable(key) else None
+    row = _rail_transfer(key) if storable(key) else None
     if row is None:
         raise errors.NotFound("No transfer with this idempotency key.")
     return ok(_rail_record(row))
@@ -505,6 +511,10 @@ def internal_rail_list():
                    rows[-1].idempotency_key if len(rows) == query["limit"] else None))
 
 
+def _rail_transfer(key: str) -> SandboxTransfer | None:
+    return _db().scalar(select(SandboxTransfer).where(SandboxTransfer.idempotency_key == key))
+
+
 def _rail_record(row: SandboxTransfer) -> dict:
     return {"tx_ref": row.tx_hash, "idempotency_key": row.idempotency_key, "from": row.from_wallet,
             "to": row.to_address, "amount_usd": format_usd(row.amount_cents), "asset": row.asset,
@@ -515,11 +525,9 @@ def _rail_record(row: SandboxTransfer) -> dict:
 def internal_item_media(item_id):
     """The media worker's news of an image item: its preview is ready, or why it failed."""
     report = _load(s.MediaReportIn, request.get_json(silent=True))
-    item = _db().get(DeliveryItem, item_id) if looks_like("item", item_id) else None
-    if item is None:
+    item, order = _item_and_order(item_id, for_update=True)
+    if order is None:
         raise errors.NotFound("No such item.")
-    order = _db().scalar(select(Order).join(Delivery, Delivery.order_id == Order.id)
-                         .where(Delivery.id == item.delivery_id).with_for_update(of=Order))
     applied = services.apply_media_report(_db(), order, item, report)
     if applied:
         _view_after_change(order, Caller("admin", "media"))

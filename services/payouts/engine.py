@@ -69,12 +69,9 @@ class Engine:
             state = session.get(SyncState, "settlements")
             since = (state.at - dt.timedelta(seconds=overlap_seconds)) if state else dt.datetime(
                 2000, 1, 1, tzinfo=dt.timezone.utc)
-        recorded, after_id, newest = 0, None, None
-        while True:
-            params = {"since": isoformat(since), "limit": page}
-            if after_id:
-                params["after_id"] = after_id
-            items = self.orders.get("/internal/settlements", params)["items"]
+        recorded, newest = 0, None
+        for items in settled_pages(self.orders, since, page):
+            fresh = len(items)
             items = [i for i in items if _parse_time(i["settled_at"]) <= cutoff]
             if not items:
                 break
@@ -85,10 +82,8 @@ class Engine:
                 if item["order_id"] not in known and ("payout_due" in item or "refund_due" in item):
                     with self.db.transaction() as session:
                         recorded += bool(settle(session, item))
-            last = items[-1]
-            since, after_id = _parse_time(last["settled_at"]), last["order_id"]
-            newest = since
-            if len(items) < page:
+            newest = _parse_time(items[-1]["settled_at"])
+            if len(items) < fresh:  # the rest is younger than the grace
                 break
         if newest is not None:
             with self.db.transaction() as session:
@@ -261,6 +256,22 @@ class Engine:
                 payout.next_attempt_at = None
                 changed.append(payout.id)
         return changed
+
+
+def settled_pages(orders: InternalClient, since: dt.datetime, page: int = 500):
+    """The orders service's feed of settled orders from `since` on, in settlement order, a page at
+    a time (keyset on settled_at and order id)."""
+    after_id = None
+    while True:
+        params = {"since": isoformat(since), "limit": page}
+        if after_id:
+            params["after_id"] = after_id
+        items = orders.get("/internal/settlements", params)["items"]
+        if items:
+            yield items
+        if len(items) < page:
+            return
+        since, after_id = _parse_time(items[-1]["settled_at"]), items[-1]["order_id"]
 
 
 # --- recording (inside a transaction) ----------------------------------------------------------

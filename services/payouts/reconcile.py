@@ -11,30 +11,17 @@ import sys
 import redis
 from sqlalchemy import select
 
-from shared.db import Database, isoformat
+from shared.db import Database
 from shared.internal import InternalClient, InternalError, Unavailable
 from shared.money import format_usd, parse_usd
 from shared.settings import Settings, load
 
 from . import ledger
+from .engine import settled_pages
 from .models import Payout
 from .rails import PayoutRail, RailError, make_rail
 
 EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
-
-
-def settled_orders(orders: InternalClient, page: int = 1000):
-    since, after_id = EPOCH, None
-    while True:
-        params = {"since": isoformat(since), "limit": page}
-        if after_id:
-            params["after_id"] = after_id
-        items = orders.get("/internal/settlements", params)["items"]
-        yield from items
-        if len(items) < page:
-            return
-        since = dt.datetime.fromisoformat(items[-1]["settled_at"].replace("Z", "+00:00"))
-        after_id = items[-1]["order_id"]
 
 
 def reconcile(db: Database, orders: InternalClient, rail: PayoutRail) -> tuple[list[str], dict]:
@@ -45,7 +32,7 @@ def reconcile(db: Database, orders: InternalClient, rail: PayoutRail) -> tuple[l
         payouts = {p.id: p for p in session.scalars(select(Payout))}
         seen = set()
         orders_count = 0
-        for item in settled_orders(orders):
+        for item in (item for items in settled_pages(orders, EPOCH, 1000) for item in items):
             orders_count += 1
             order_id = item["order_id"]
             for kind, key in (("payout", "payout_due"), ("refund", "refund_due")):
