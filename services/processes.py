@@ -53,6 +53,8 @@ PROCESSES: list[Process] = [
     worker("payouts", concurrency=4, app="services.payouts.worker"),
     # image decoding is CPU work: one render per core
     worker("media", concurrency=2, app="services.media.worker"),
+    # dispatches generations, times out unanswered ones, closes workspaces at their period's end
+    worker("workspaces", concurrency=2),
     beat(),
     web("gateway", "services.gateway.wsgi:app", GATEWAY_PORT, workers=1, threads=16, kind="gateway"),
 ]

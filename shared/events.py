@@ -14,6 +14,7 @@ ORDER_EVENTS = frozenset({
     "order.delivered", "order.revision_requested", "order.disputed", "order.completed",
     "order.cancelled", "order.payout_sent", "order.payout_failed", "order.refund_sent", "order.refund_failed",
     "order.message",  # a buyer's message on the order, from the messaging service's outbox
+    "order.generation_requested",  # a workspace's buyer asked for a generation (dispatched to the agent)
 })
 
 
@@ -31,7 +32,10 @@ SUBSCRIPTIONS = (
     Subscription("payouts.retry", "payouts", frozenset({"payout.retry_requested"})),
     Subscription("payouts.resume_agent", "payouts", frozenset({"agent.payout_wallet_set"})),
     # image deliverables get their watermarked previews (and URL images are fetched)
-    Subscription("media.process_delivery", "media", frozenset({"order.delivered", "media.retry_requested"})),
+    Subscription("media.process_delivery", "media",
+                 frozenset({"order.delivered", "media.retry_requested", "generation.completed"})),
+    # a workspace's generation requests are dispatched to the agent
+    Subscription("workspaces.dispatch", "workspaces", frozenset({"generation.created"})),
     # agents hear about every order event
     Subscription("webhooks.deliver_event", "webhooks", ORDER_EVENTS),
 )

@@ -89,9 +89,15 @@ class Settings:
     review_window_seconds: int = 48 * 3600
     quote_expiry_seconds: int = 7 * 24 * 3600
     default_turnaround_hours: int = 48
+    # Workspaces (weekly and monthly services): how long a period lasts, and how long an agent
+    # has to answer a generation before its unit of quota goes back to the buyer.
+    workspace_weekly_seconds: int = 7 * 24 * 3600
+    workspace_monthly_seconds: int = 30 * 24 * 3600
+    generation_timeout_seconds: int = 3600
     # Beat sweep periods (seconds).
     outbox_sweep_seconds: float = 5.0
     timer_sweep_seconds: float = 30.0
+    workspace_sweep_seconds: float = 15.0
     # Retention: how long replayable Idempotency-Key responses, and published events and fired
     # timers, are kept before the hourly prune deletes them.
     idempotency_ttl_seconds: int = 24 * 3600

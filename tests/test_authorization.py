@@ -52,6 +52,11 @@ MATRIX = {
     # a signed link is a short-lived capability, whoever holds it; but a buyer's own credentials
     # never fetch an image's original before completion (here: the admin's link, order delivered)
     "GET {file}":                                    ("file_delivered",  403,  200,  200,  200,  200,  200, 401),
+    "POST /api/orders/{oid}/generate":               ("workspace",       202,  404,  403,  404,  401,  403, 401),
+    "GET /api/orders/{oid}/generations":             ("workspace",       200,  404,  200,  404,  401,  200, 401),
+    "POST /api/orders/{oid}/generations/{gid}":      ("generation",      403,  404,  200,  404,  401,  403, 401),
+    "POST /api/orders/{oid}/renew":                  ("workspace",       201,  404,  403,  404,  401,  403, 401),
+    "GET /api/agents/{aid}/generations":             ("generation",      403,  403,  200,  404,  401,  200, 401),
     "GET /api/orders":                               (None,              200,  200,  403,  403,  401,  403, 401),
     "POST /api/orders":                              (None,              201,  201,  403,  403,  401,  403, 401),
     "GET /api/agents/{aid}/orders":                  ("paid",            403,  403,  200,  404,  401,  200, 401),
@@ -107,6 +112,7 @@ class World:
         self.other_agent = self.api.agent("Other Agent")
         self.quote_service = self.api.service(self.agent, "quote")
         self.fixed_service = self.api.service(self.agent, "fixed")
+        self.weekly_service = self.api.service(self.agent, "weekly", quota_limit=10)
         self.buyer = self.api.buyer()
         self.other_buyer = self.api.buyer()
         self.headers = {
@@ -137,6 +143,15 @@ class World:
             upload = self.api.upload(agent, PNG, "fox.png")
             self.api.ok("POST", f"/api/orders/{order['id']}/deliver", agent,
                         json={"deliverables": [{"upload_id": upload["upload_id"], "media_type": "image"}]})
+            return self.api.ok("GET", f"/api/orders/{order['id']}", ADMIN)
+        if state in ("workspace", "generation"):  # a weekly order's open workspace (with a dispatched generation)
+            order = self.api.pay(buyer, self.api.order(buyer, self.weekly_service)["id"])
+            if state == "generation":
+                from services.orders import workspaces
+                generation = self.api.ok("POST", f"/api/orders/{order['id']}/generate", buyer,
+                                         json={"prompt": "A fox."}, expect=202)["generation"]
+                with self.app.extensions["db"].transaction() as session:
+                    workspaces.dispatch(session, self.app.extensions["orders_runtime"], generation["id"])
             return self.api.ok("GET", f"/api/orders/{order['id']}", ADMIN)
         if state == "payout_failed":  # completed, and the payouts worker gave up on the payout
             order = self.api.walk(agent, buyer, self.api.order(buyer, service), "completed")
@@ -188,6 +203,8 @@ def _body(world: World, endpoint: str, order: dict | None):
         "POST /api/orders/{oid}/decline": {"reason": "Too busy this week."},
         "POST /api/orders/{oid}/deliver": {"deliverables": [{"url": "https://example.com/fox", "media_type": "link"}]},
         "POST /api/orders/{oid}/review": {"rating": 5, "comment": "Great fox."},
+        "POST /api/orders/{oid}/generate": {"prompt": "A fox in the snow."},
+        "POST /api/orders/{oid}/generations/{gid}": {"url": "https://example.com/fox", "media_type": "link"},
         "POST /api/admin/orders/{oid}/resolve": {"outcome": "refund", "note": "The agent never delivered."},
         "POST /api/orders": {"service_id": world.fixed_service["id"], "brief": "Please draw a red fox."},
         "PATCH /api/agents/me": {"name": "Renamed " + secrets.token_hex(3)},
@@ -203,7 +220,10 @@ def _body(world: World, endpoint: str, order: dict | None):
 def _ids(world: World, order: dict | None) -> dict:
     order = order or {}
     items = [i for d in order.get("deliveries", ()) for i in d["items"]]
+    generations = world.api.ok("GET", f"/api/orders/{order['id']}/generations", ADMIN)["items"] \
+        if order.get("workspace") else []
     return {"oid": order.get("id"), "aid": world.agent.id, "sid": world.fixed_service["id"],
+            "gid": generations[0]["id"] if generations else None,
             "pid": (order.get("payout") or {}).get("id"), "file": items[0]["url"] if items else None}
 
 
@@ -283,6 +303,7 @@ def test_matrix_covers_every_route_of_the_app(world):
     declared = {parse(e) for e in MATRIX}
     declared_paths = {(m, p.replace("{oid}", "<order_id>").replace("{aid}", "<agent_id>")
                        .replace("{sid}", "<service_id>").replace("{pid}", "<payout_id>")
+                       .replace("{gid}", "<generation_id>")
         .replace("{file}", "/api/files/<item_id>/<variant>")) for m, p in declared}
     missing = []
     for rule in world.app.url_map.iter_rules():

@@ -22,6 +22,7 @@ from tests.support.wallets import SolanaWallet
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
+WEEK = 12  # seconds: a weekly workspace's period in this stack
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,8 @@ def stack():
                                                             "MESSAGING_URL")}
     env.update({k: str(v) for k, v in ports.items()})
     env.update(DATABASE_URL=database_url, RATE_LIMITS="off", REVIEW_WINDOW_SECONDS="4",
-               TIMER_SWEEP_SECONDS="1", OUTBOX_SWEEP_SECONDS="1", LOG_LEVEL="INFO")
+               TIMER_SWEEP_SECONDS="1", OUTBOX_SWEEP_SECONDS="1", LOG_LEVEL="INFO",
+               WORKSPACE_WEEKLY_SECONDS=str(WEEK), GENERATION_TIMEOUT_SECONDS="3", WORKSPACE_SWEEP_SECONDS="1")
     redis_url = os.environ.get("E2E_REDIS_URL")
     if redis_url:
         env["REDIS_URL"] = redis_url
@@ -285,3 +287,42 @@ def test_an_uploaded_image_is_previewed_by_the_media_worker_and_its_original_gat
     gw.ok("PATCH", f"/api/orders/{oid}", buyer, json={"action": "approve"})
     got = gw.http.get(stack["base"] + item(buyer)["url"], timeout=30)
     assert got.status_code == 200 and got.content == original.getvalue()
+
+
+def test_a_weekly_workspace_with_the_real_workspaces_worker_and_beat(stack):
+    """generate → the worker dispatches to the agent → one answer, one timeout (its unit back) →
+    beat closes the workspace at its period's end → the answer is the delivery → approve."""
+    gw = Gateway(stack["base"])
+    agent = gw.ok("POST", "/api/agents", expect=201, json={"name": "Workspace Agent"})
+    key, aid = agent["api_key"], agent["agent"]["id"]
+    service = gw.ok("POST", "/api/services", key, expect=201, json={
+        "title": "Weekly foxes", "description": "Fox pictures all week.", "price_type": "weekly",
+        "price_usd": "25.00", "quota_limit": 2})
+    wallet, buyer = gw.buyer()
+    oid = gw.ok("POST", "/api/orders", buyer, expect=201,
+                json={"service_id": service["id"], "brief": "Foxes, every day this week."})["id"]
+    order = gw.pay(buyer, wallet, oid)
+    assert order["status"] == "in_progress" and order["workspace"]["quota_total"] == 2
+    answered, ignored = (gw.ok("POST", f"/api/orders/{oid}/generate", buyer, expect=202,
+                               json={"prompt": prompt})["generation"] for prompt in ("A fox.", "Two foxes."))
+    status, body = gw.call("POST", f"/api/orders/{oid}/generate", buyer, json={"prompt": "Three foxes."})
+    assert (status, body["code"]) == (409, "quota_exhausted")
+
+    def pending():
+        return gw.ok("GET", f"/api/agents/{aid}/generations?status=pending", key)["items"]
+    assert _wait_for(lambda: len(pending()) == 2, timeout=10), "the workspaces worker did not dispatch"
+    gw.ok("POST", f"/api/orders/{oid}/generations/{answered['id']}", key,
+          json={"url": "https://example.com/fox.txt", "media_type": "text"})
+
+    def generations():
+        return {g["id"]: g for g in gw.ok("GET", f"/api/orders/{oid}/generations", buyer)["items"]}
+    assert _wait_for(lambda: generations()[ignored["id"]]["status"] == "timed_out", timeout=10)
+    workspace = gw.ok("GET", f"/api/orders/{oid}", buyer)["workspace"]
+    assert (workspace["quota_used"], workspace["generations_pending"]) == (1, 0)  # the timed-out unit is back
+
+    delivered = _wait_for(lambda: (o := gw.ok("GET", f"/api/orders/{oid}", buyer))["status"] == "delivered" and o,
+                          timeout=WEEK + 15)
+    assert delivered, "beat and the worker did not close the workspace"
+    assert [i["url"] for i in delivered["deliveries"][0]["items"]] == ["https://example.com/fox.txt"]
+    assert delivered["timeline"][-1]["action"] == "close_workspace"
+    assert gw.ok("PATCH", f"/api/orders/{oid}", buyer, json={"action": "approve"})["status"] == "completed"

@@ -25,7 +25,9 @@ from sqlalchemy import select
 from services.orders import cache
 from services.orders.models import Order
 from services.orders.statemachine import STATES
+from services.orders.models import Workspace
 from services.orders.tasks import sweep_timers
+from services.orders.workspace_tasks import sweep_workspaces
 from shared.db import utcnow
 from tests.support.api import ADMIN, ApiClient
 from tests.test_state_machine import (ALLOWED, DESIGN_STATES, DESIGN_TERMINAL, HTTP_ACTIONS, PEOPLE,
@@ -136,7 +138,9 @@ def test_random_walks_keep_the_invariants(make_app):
                 variant = outcome
             elif action == "pay" and self.price_type[oid] in WORKSPACE_TYPES:
                 variant = "workspace"
-            want = expected(state, action, actor, overdue=overdue, variant=variant)
+            workspace = before["workspace"]
+            want = expected(state, action, actor, overdue=overdue, variant=variant,
+                            workspace_open=bool(workspace) and workspace["closed_at"] is None)
 
             who = {"buyer": self.buyer, "agent": self.agent, "admin": ADMIN}[actor]
             status, body, _ = call_action(api, action, who, before, self.buyer, outcome=outcome)
@@ -168,7 +172,7 @@ def test_random_walks_keep_the_invariants(make_app):
         @precondition(lambda self: self.moved_since_sweep)
         @rule(hours=st.one_of(st.sampled_from((0, 1, 47, 49, 24 * 7 + 1)), st.integers(0, 24)))
         def sweep(self, hours):
-            """The system: the timer sweep runs at a later time."""
+            """The system: the timer and workspace sweeps run at a later time."""
             self.moved_since_sweep = False  # no sweep right after a sweep: the steps go to people
             now = self.clock = self.clock + dt.timedelta(hours=hours, seconds=1)
             # what the design says is due, over every order in the database (earlier examples' too)
@@ -179,7 +183,12 @@ def test_random_walks_keep_the_invariants(make_app):
                         due[order.id] = ("auto_complete", order.status, "completed")
                     elif order.status in QUOTE_STAGE and order.created_at + quote_expiry <= now:
                         due[order.id] = ("expire_quote", order.status, "cancelled")
-            assert sweep_timers(db, rt, now=now) == len(due)
+                closing = session.scalars(select(Workspace.order_id).join(Order, Order.id == Workspace.order_id)
+                                          .where(Order.status == "in_progress", Workspace.expires_at <= now))
+                due.update({oid: ("close_workspace", "in_progress", "delivered") for oid in closing})
+            # the workspace sweep first: its deliveries' review windows start now, so no timer is due
+            assert sweep_workspaces(db, rt, now=now)["closed"] == sum(d[0] == "close_workspace" for d in due.values())
+            assert sweep_timers(db, rt, now=now) == sum(d[0] != "close_workspace" for d in due.values())
             with db.transaction() as session:
                 for order_id, (_action, _source, target) in due.items():
                     assert session.get(Order, order_id).status == target
@@ -211,10 +220,10 @@ def test_random_walks_keep_the_invariants(make_app):
                     assert prev["to"] not in DESIGN_TERMINAL, ("a transition after a terminal state", timeline)
                 assert timeline[-1]["to"] == order["status"]
                 assert [e["to"] for e in timeline].count("completed") <= 1
-                if order["deliveries"]:  # the review window restarts at every delivery
-                    last_delivery = [e for e in timeline if e["action"] == "deliver"][-1]
-                    assert _at(order["review_deadline_at"]) == _at(last_delivery["at"]) + review_window
-                    assert len(order["deliveries"]) == [e["action"] for e in timeline].count("deliver")
+                if order["deliveries"]:  # the review window restarts at every delivery (a workspace's close too)
+                    deliveries = [e for e in timeline if e["action"] in ("deliver", "close_workspace")]
+                    assert _at(order["review_deadline_at"]) == _at(deliveries[-1]["at"]) + review_window
+                    assert len(order["deliveries"]) == len(deliveries)
                 completed += order["status"] == "completed"
 
             profile = api.ok("GET", f"/api/agents/{self.agent.id}")

@@ -73,6 +73,9 @@ class Order(Base):
     settled_agent_cents: Mapped[int | None] = mapped_column(Integer)
     settled_buyer_cents: Mapped[int | None] = mapped_column(Integer)
     settled_at = mapped_column(UTCDateTime(), index=True)  # when a paid order reached its end
+    # a weekly or monthly order renewed from the previous period's order, and the one renewing it
+    previous_order_id: Mapped[str | None] = mapped_column(String(32))
+    next_order_id: Mapped[str | None] = mapped_column(String(32))
     created_at = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
     updated_at = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
     version: Mapped[int] = mapped_column(Integer, nullable=False)
@@ -96,6 +99,8 @@ class Order(Base):
     # the payout and/or refund of a settled order, as the payouts worker reports them
     settlements: Mapped[list["Settlement"]] = relationship(
         order_by="Settlement.kind", lazy="select", cascade="all, delete-orphan")
+    # weekly and monthly orders open one once paid (loaded only for those: price_type says so)
+    workspace: Mapped["Workspace | None"] = relationship(lazy="select", uselist=False, cascade="all, delete-orphan")
 
 
 class TimelineEntry(Base):
@@ -125,9 +130,11 @@ class Delivery(Base):
 
 
 class DeliveryItem(Base):
+    """A delivered file or link. A workspace generation's result is an item with no delivery
+    until the workspace closes and its generations become the order's delivery."""
     __tablename__ = "delivery_items"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    delivery_id: Mapped[str] = mapped_column(ForeignKey("deliveries.id"), index=True)
+    delivery_id: Mapped[str | None] = mapped_column(ForeignKey("deliveries.id"), index=True)
     position: Mapped[int] = mapped_column(Integer)
     media_type: Mapped[str] = mapped_column(String(16))
     title: Mapped[str | None] = mapped_column(String(200))
@@ -141,6 +148,43 @@ class DeliveryItem(Base):
     sha256: Mapped[str | None] = mapped_column(String(64))
     preview_key: Mapped[str | None] = mapped_column(String(255))
     preview_error: Mapped[str | None] = mapped_column(Text)
+
+
+class Workspace(Base):
+    """A weekly or monthly order's period of `generate` calls. The counters change only in SQL
+    (conditional UPDATEs), so concurrent calls in any number of processes add up exactly."""
+    __tablename__ = "workspaces"
+    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), primary_key=True)
+    opened_at = mapped_column(UTCDateTime(), nullable=False)
+    expires_at = mapped_column(UTCDateTime(), nullable=False)
+    closed_at = mapped_column(UTCDateTime())
+    quota_total: Mapped[int] = mapped_column(Integer)  # 0 = unlimited
+    quota_used: Mapped[int] = mapped_column(Integer, default=0)  # pending + completed generations
+    generations_pending: Mapped[int] = mapped_column(Integer, default=0)
+    __table_args__ = (Index("ix_workspaces_open", "closed_at", "expires_at"),)
+
+
+class Generation(Base):
+    """One `generate` call: the buyer's prompt, then the agent's result (an item) or failure."""
+    __tablename__ = "generations"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"))
+    agent_id: Mapped[str] = mapped_column(String(32))
+    prompt: Mapped[str] = mapped_column(Text)
+    # pending → completed | failed | timed_out (no answer in time) | expired (workspace closed first)
+    status: Mapped[str] = mapped_column(String(16))
+    created_at = mapped_column(UTCDateTime(), nullable=False)
+    dispatched_at = mapped_column(UTCDateTime())  # when the agent was told
+    deadline_at = mapped_column(UTCDateTime())  # answer by then, or the unit of quota goes back
+    answered_at = mapped_column(UTCDateTime())
+    error: Mapped[str | None] = mapped_column(Text)
+    item_id: Mapped[str | None] = mapped_column(ForeignKey("delivery_items.id"))
+    item: Mapped["DeliveryItem | None"] = relationship(lazy="joined")
+    __table_args__ = (
+        Index("ix_generations_order", "order_id", "created_at", "id"),
+        Index("ix_generations_agent", "agent_id", "status", "created_at", "id"),
+        Index("ix_generations_due", "status", "deadline_at"),
+    )
 
 
 class Upload(Base):

@@ -8,8 +8,8 @@ from shared.db import isoformat
 from shared.money import format_usd
 
 from .files import Links, original_allowed
-from .models import Agent, Order, Review, Service, Settlement
-from .services import party_of
+from .models import Agent, DeliveryItem, Generation, Order, Review, Service, Settlement, Workspace
+from .services import WORKSPACE_TYPES, party_of
 
 
 def agent(a: Agent, private: bool = False) -> dict:
@@ -78,15 +78,35 @@ def settlement(row: Settlement) -> dict:
     return out
 
 
+def _full_item(i: DeliveryItem) -> dict:
+    """Everything about a delivered item; `_item` cuts it down for one viewer."""
+    return {"id": i.id, "media_type": i.media_type, "title": i.title, "url": i.url,
+            "content_type": i.content_type, "size": i.size, "sha256": i.sha256,
+            "preview_url": None, "preview_status": i.preview_status, "preview_error": i.preview_error,
+            "_stored": i.storage_key is not None, "_preview": i.preview_key is not None}
+
+
+def workspace(w: Workspace | None) -> dict | None:
+    if w is None:
+        return None
+    return {"opened_at": isoformat(w.opened_at), "expires_at": isoformat(w.expires_at),
+            "closed_at": isoformat(w.closed_at), "quota_total": w.quota_total, "quota_used": w.quota_used,
+            "generations_pending": w.generations_pending}
+
+
+def generation(g: Generation, role: str, order_status: str, links: Links) -> dict:
+    """A generation as one viewer sees it: an image result through the same gate as deliveries."""
+    return {"id": g.id, "order_id": g.order_id, "prompt": g.prompt, "status": g.status,
+            "created_at": isoformat(g.created_at), "dispatched_at": isoformat(g.dispatched_at),
+            "deadline_at": isoformat(g.deadline_at), "answered_at": isoformat(g.answered_at), "error": g.error,
+            "result": _item(_full_item(g.item), role, order_status, links) if g.item is not None else None}
+
+
 def full_order(o: Order) -> dict:
     settlements = {row.kind: settlement(row) for row in (o.settlements if o.settled_at else ())}
     deliveries = [{
         "id": d.id, "number": d.number, "created_at": isoformat(d.created_at),
-        "items": [{"id": i.id, "media_type": i.media_type, "title": i.title, "url": i.url,
-                   "content_type": i.content_type, "size": i.size, "sha256": i.sha256,
-                   "preview_url": None, "preview_status": i.preview_status, "preview_error": i.preview_error,
-                   "_stored": i.storage_key is not None, "_preview": i.preview_key is not None}
-                  for i in d.items],
+        "items": [_full_item(i) for i in d.items],
     } for d in (o.deliveries if o.delivery_count else ())]
     return {
         "id": o.id, "status": o.status, "service_id": o.service_id, "agent_id": o.agent_id,
@@ -97,7 +117,8 @@ def full_order(o: Order) -> dict:
         "review_deadline_at": isoformat(o.review_deadline_at), "deliveries": deliveries,
         "revisions": [{"number": r.number, "feedback": r.feedback, "is_extra": r.is_extra,
                        "created_at": isoformat(r.created_at)} for r in (o.revisions if o.revision_count else ())],
-        "workspace": None, "review": review(o.review),
+        "workspace": workspace(o.workspace) if o.price_type in WORKSPACE_TYPES else None,
+        "previous_order_id": o.previous_order_id, "next_order_id": o.next_order_id, "review": review(o.review),
         "payout": settlements.get("payout"), "refund": settlements.get("refund"),
         "timeline": [{"action": t.action, "from": t.from_status, "to": t.to_status, "actor_type": t.actor_type,
                       "actor_id": t.actor_id, "at": isoformat(t.at), "note": t.note} for t in o.timeline],

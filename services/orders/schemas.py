@@ -13,6 +13,7 @@ from .wallets import normalize_wallet
 CHAINS = ("solana", "base")
 PRICE_TYPES = ("fixed", "quote", "weekly", "monthly")
 MEDIA_TYPES = ("image", "video", "link", "document", "code", "text")
+GENERATION_STATUSES = ("pending", "completed", "failed", "timed_out", "expired")
 Url = fields.Url(schemes={"http", "https"}, validate=validate.Length(max=2048))
 
 
@@ -122,6 +123,8 @@ class OrderIn(Schema):
 
 
 class OrderListQuery(Schema):
+    """A page filtered by `status`, a comma-separated list of the statuses in KNOWN."""
+    KNOWN = STATES
     status = fields.Str(validate=validate.Length(max=300))
     cursor = fields.Str(validate=validate.Length(max=200))
     limit = fields.Int(load_default=20, validate=validate.Range(1, 100))
@@ -130,7 +133,7 @@ class OrderListQuery(Schema):
     def _statuses(self, data, **_):
         if "status" in data:
             statuses = [s.strip() for s in data["status"].split(",") if s.strip()]
-            unknown = [s for s in statuses if s not in STATES]
+            unknown = [s for s in statuses if s not in self.KNOWN]
             if unknown or not statuses:
                 raise ValidationError(f"Unknown status: {', '.join(unknown) or '(empty)'}.", "status")
             data["status"] = statuses
@@ -192,6 +195,40 @@ class DeliverIn(Schema):
     def _present(self, data, **_):
         if not data.get("deliverables"):
             raise ValidationError("Give deliverables (or deliverable_url).", "deliverables")
+
+
+class GenerateIn(Schema):
+    prompt = _text(1, 2000)
+
+
+class GenerationAnswerIn(Schema):
+    """A result (one file or link, like a deliverable) or `{"status": "failed", "error": ...}`."""
+    status = fields.Str(validate=validate.OneOf(("completed", "failed")))
+    error = _text(1, 2000, required=False)
+    url = Url
+    upload_id = fields.Str(validate=validate.Length(min=1, max=64))
+    media_type = fields.Str(validate=validate.OneOf(MEDIA_TYPES))
+    title = fields.Str(validate=validate.Length(max=200))
+
+    @validates_schema
+    def _result_or_failure(self, data, **_):
+        if data.get("status") == "failed":
+            if not data.get("error"):
+                raise ValidationError("A failed generation needs an error (1-2000 characters).", "error")
+            extra = [k for k in ("url", "upload_id", "media_type", "title") if k in data]
+            if extra:
+                raise ValidationError("A failed generation has no result.", extra[0])
+            return
+        if "error" in data:
+            raise ValidationError("Only a failed generation has an error.", "error")
+        if ("url" in data) == ("upload_id" in data):
+            raise ValidationError("Give exactly one of url or upload_id (or status \"failed\" with an error).", "url")
+        if "media_type" not in data:
+            raise ValidationError("Missing data for required field.", "media_type")
+
+
+class GenerationListQuery(OrderListQuery):
+    KNOWN = GENERATION_STATUSES
 
 
 class ReviewIn(Schema):
@@ -335,6 +372,35 @@ class ReviewOut(Schema):
     created_at = fields.Str()
 
 
+class WorkspaceOut(Schema):
+    opened_at = fields.Str()
+    expires_at = fields.Str()
+    closed_at = fields.Str(allow_none=True)
+    quota_total = fields.Int(metadata={"description": "0 = unlimited"})
+    quota_used = fields.Int()
+    generations_pending = fields.Int()
+
+
+class GenerationOut(Schema):
+    id = fields.Str()
+    order_id = fields.Str()
+    prompt = fields.Str()
+    status = fields.Str(metadata={"description": "pending | completed | failed | timed_out | expired"})
+    created_at = fields.Str()
+    dispatched_at = fields.Str(allow_none=True)
+    deadline_at = fields.Str(allow_none=True)
+    answered_at = fields.Str(allow_none=True)
+    error = fields.Str(allow_none=True)
+    result = fields.Nested(ItemOut, allow_none=True)
+
+
+class GenerateOut(Schema):
+    generation = fields.Nested(GenerationOut)
+    quota_used = fields.Int()
+    quota_total = fields.Int()
+    expires_at = fields.Str()
+
+
 class OrderOut(Schema):
     id = fields.Str()
     status = fields.Str()
@@ -351,7 +417,9 @@ class OrderOut(Schema):
     due_at = fields.Str(allow_none=True)
     review_deadline_at = fields.Str(allow_none=True)
     deliveries = fields.List(fields.Nested(DeliveryOut))
-    workspace = fields.Dict(allow_none=True)
+    workspace = fields.Nested(WorkspaceOut, allow_none=True)
+    previous_order_id = fields.Str(allow_none=True)
+    next_order_id = fields.Str(allow_none=True)
     review = fields.Nested(ReviewOut, allow_none=True)
     payout = fields.Dict(allow_none=True)
     refund = fields.Dict(allow_none=True)

@@ -5,12 +5,12 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.orm import Session, selectinload
 
 from shared import errors, logs
 from shared.auth import Caller, hash_secret, new_api_key, new_webhook_secret
-from shared.db import utcnow
+from shared.db import isoformat, utcnow
 from shared.filetypes import COMPATIBLE
 from shared.ids import new_id
 from shared.money import fee_cents, format_usd
@@ -20,8 +20,8 @@ from shared.storage import LocalStorage, make_storage
 
 from . import cache
 from . import statemachine as sm
-from .models import (Agent, Delivery, DeliveryItem, Order, OutboxEvent, Revision, Review, Service, Settlement,
-                     TimelineEntry, Timer, Upload)
+from .models import (Agent, Delivery, DeliveryItem, Generation, Order, OutboxEvent, Revision, Review, Service,
+                     Settlement, TimelineEntry, Timer, Upload, Workspace)
 from .files import Links
 from .payments import ASSET, Expected, destination_for, make_verifier
 
@@ -97,7 +97,8 @@ def create_service(session: Session, rt: Runtime, agent: Agent, data: dict) -> S
 
 # --- orders ----------------------------------------------------------------------------------
 
-def place_order(session: Session, rt: Runtime, buyer: Caller, data: dict) -> Order:
+def place_order(session: Session, rt: Runtime, buyer: Caller, data: dict, renews: Order | None = None) -> Order:
+    """A new order at the service's terms; `renews`: the previous period's order it continues."""
     service = session.get(Service, data["service_id"])
     if service is None or not service.active:
         raise errors.NotFound("No such service.")
@@ -109,9 +110,10 @@ def place_order(session: Session, rt: Runtime, buyer: Caller, data: dict) -> Ord
                   reference_urls=data.get("reference_urls") or [],
                   quoted_price_cents=service.price_cents if listed else None,
                   max_revisions=service.max_revisions, turnaround_hours=service.turnaround_hours,
-                  revision_count=0, delivery_count=0, event_sequence=0, created_at=now, updated_at=now)
+                  revision_count=0, delivery_count=0, event_sequence=0, created_at=now, updated_at=now,
+                  previous_order_id=renews.id if renews else None)
     session.add(order)
-    _timeline(order, "create", None, order.status, buyer, now, None)
+    _timeline(order, "create", None, order.status, buyer, now, f"renews {renews.id}" if renews else None)
     _set_timer(session, order, "expire_quote", now + dt.timedelta(seconds=rt.settings.quote_expiry_seconds))
     _bump_agent(session, service.agent_id, total_orders=1)
     _emit(session, rt, order, "order.created", {"action": "create", "from": None, "to": order.status})
@@ -153,7 +155,8 @@ def list_orders(session: Session, *, client_wallet: str | None = None, agent_id:
         query = query.where(Order.agent_id == agent_id)
     if statuses:
         query = query.where(Order.status.in_(statuses))
-    query = query.options(selectinload(Order.deliveries), selectinload(Order.revisions))  # one query each per page
+    query = query.options(selectinload(Order.deliveries), selectinload(Order.revisions),
+                          selectinload(Order.workspace))  # one query each per page
     return keyset_page(session, query, Order, cursor, limit)
 
 
@@ -197,6 +200,8 @@ def act(session: Session, rt: Runtime, order: Order, action: str, caller: Caller
         # paying a quote accepts it first, and the timeline says so
         _timeline(order, "accept", "quoted", "accepted", caller, now, None)
         source = "accepted"
+    if source == "in_progress" and target != "in_progress" and order.price_type in WORKSPACE_TYPES:
+        _end_workspace(session, order, now)
     order.status = target
     order.updated_at = now
     if target == "completed":
@@ -232,14 +237,74 @@ def _pay(session, rt, order, caller, params, now):
                                                   ASSET, order.client_chain))
     order.escrow_tx_hash = tx_hash
     order.paid_at = now
-    order.due_at = now + dt.timedelta(hours=order.turnaround_hours)
-    return "workspace" if order.price_type in WORKSPACE_TYPES else None
+    if order.price_type not in WORKSPACE_TYPES:
+        order.due_at = now + dt.timedelta(hours=order.turnaround_hours)
+        return None
+    # a weekly or monthly order opens its workspace; the period's end is when its delivery is due
+    period = rt.settings.workspace_weekly_seconds if order.price_type == "weekly" else rt.settings.workspace_monthly_seconds
+    workspace = Workspace(order_id=order.id, opened_at=now, expires_at=now + dt.timedelta(seconds=period),
+                          quota_total=session.get(Service, order.service_id).quota_limit, quota_used=0,
+                          generations_pending=0)
+    order.workspace = workspace
+    order.due_at = workspace.expires_at
+    params["_event"] = {"workspace": {"opened_at": isoformat(now), "expires_at": isoformat(workspace.expires_at),
+                                      "quota_total": workspace.quota_total}}
+    return "workspace"
+
+
+def workspace_open(order: Order) -> bool:
+    return order.price_type in WORKSPACE_TYPES and order.workspace is not None and order.workspace.closed_at is None
+
+
+def _end_workspace(session: Session, order: Order, now: dt.datetime) -> None:
+    """The order leaves in_progress (closed at period end, cancelled, declined, disputed): no more
+    generate calls; generations still unanswered expire and give their units back."""
+    workspace = order.workspace
+    if workspace is None or workspace.closed_at is not None:
+        return
+    workspace.closed_at = now
+    expired = session.execute(
+        update(Generation).where(Generation.order_id == order.id, Generation.status == "pending")
+        .values(status="expired", answered_at=now, error="The workspace closed before an answer came."),
+        execution_options={"synchronize_session": False}).rowcount
+    if expired:
+        workspace.quota_used = Workspace.quota_used - expired
+        workspace.generations_pending = Workspace.generations_pending - expired
+
+
+def _close_workspace(session, rt, order, caller, params, now):
+    """At the period's end the completed generations become the order's delivery."""
+    items = list(session.scalars(
+        select(DeliveryItem).join(Generation, Generation.item_id == DeliveryItem.id)
+        .where(Generation.order_id == order.id, Generation.status == "completed")
+        .order_by(Generation.created_at, Generation.id)))
+    delivery = _new_delivery(session, rt, order, now)
+    for position, item in enumerate(items):
+        item.position = position
+        delivery.items.append(item)
+    params["note"] = f"{len(items)} generation(s) delivered"
+    # previews still being rendered are asked for again under the delivery (harmless if ready)
+    params["_event"] = {"delivery_id": delivery.id, "generations": len(items),
+                        "items": [_media_item(i) for i in items if i.preview_status == "pending"]}
+
+
+def _new_delivery(session: Session, rt: Runtime, order: Order, now: dt.datetime) -> Delivery:
+    """The next numbered delivery, which opens the buyer's review window."""
+    order.delivery_count += 1
+    delivery = Delivery(id=new_id("delivery"), order_id=order.id, number=order.delivery_count, created_at=now)
+    order.deliveries.append(delivery)
+    order.review_deadline_at = now + dt.timedelta(seconds=rt.settings.review_window_seconds)
+    _set_timer(session, order, "auto_complete", order.review_deadline_at)
+    return delivery
 
 
 def _deliver(session, rt, order, caller, params, now):
+    if workspace_open(order):
+        raise errors.InvalidTransition(
+            "The workspace is open: its generations become the delivery when it closes.",
+            {"status": order.status, "expires_at": isoformat(order.workspace.expires_at)})
     uploads = _uploads_for(session, order.agent_id, params["deliverables"])
-    order.delivery_count += 1
-    delivery = Delivery(id=new_id("delivery"), order_id=order.id, number=order.delivery_count, created_at=now)
+    delivery = _new_delivery(session, rt, order, now)
     for position, spec in enumerate(params["deliverables"]):
         item = DeliveryItem(id=new_id("item"), position=position, media_type=spec["media_type"],
                             title=spec.get("title"), url=spec.get("url"),
@@ -251,9 +316,6 @@ def _deliver(session, rt, order, caller, params, now):
             item.content_type, item.size, item.sha256 = upload.content_type, upload.size, upload.sha256
             upload.item_id = item.id
         delivery.items.append(item)
-    order.deliveries.append(delivery)
-    order.review_deadline_at = now + dt.timedelta(seconds=rt.settings.review_window_seconds)
-    _set_timer(session, order, "auto_complete", order.review_deadline_at)
     # what the media worker needs: where each item's bytes are
     params["_event"] = {"delivery_id": delivery.id, "items": [_media_item(i) for i in delivery.items]}
 
@@ -327,7 +389,8 @@ def _resolve(session, rt, order, caller, params, now):
 
 
 EFFECTS = {"quote": _quote, "pay": _pay, "deliver": _deliver, "revision": _revision,
-           "dispute": _with_reason, "decline": _with_reason, "resolve": _resolve}
+           "dispute": _with_reason, "decline": _with_reason, "resolve": _resolve,
+           "close_workspace": _close_workspace}
 
 
 def _settlement(order: Order, target: str, settings: Settings, now: dt.datetime) -> dict:
@@ -463,10 +526,14 @@ def apply_media_report(session: Session, order: Order, item: DeliveryItem, repor
 def request_stuck_previews(session: Session, rt: Runtime, older_than: dt.datetime, limit: int = 500) -> int:
     """Ask the media worker again for image items still pending after a while (its report never
     arrived, or its message was lost). Rendering is keyed by content, so asking twice is harmless."""
+    # delivered items, and generations' results (which join a delivery when their workspace closes)
     rows = session.execute(
-        select(DeliveryItem, Delivery.order_id).join(Delivery, Delivery.id == DeliveryItem.delivery_id)
-        .where(DeliveryItem.preview_status == "pending", Delivery.created_at < older_than)
-        .order_by(Delivery.created_at).limit(limit)).all()
+        select(DeliveryItem, func.coalesce(Generation.order_id, Delivery.order_id))
+        .outerjoin(Generation, Generation.item_id == DeliveryItem.id)
+        .outerjoin(Delivery, Delivery.id == DeliveryItem.delivery_id)
+        .where(DeliveryItem.preview_status == "pending",
+               func.coalesce(Generation.answered_at, Delivery.created_at) < older_than)
+        .order_by(func.coalesce(Generation.answered_at, Delivery.created_at)).limit(limit)).all()
     by_order: dict[str, list[dict]] = {}
     for item, order_id in rows:
         by_order.setdefault(order_id, []).append(_media_item(item))

@@ -42,6 +42,15 @@ def _quote_stale(order, now, settings) -> str | None:
     return None
 
 
+def _workspace_period_over(order, now, settings) -> str | None:
+    workspace = order.workspace if order.price_type in ("weekly", "monthly") else None
+    if workspace is None:
+        return "the order has no workspace"
+    if now < workspace.expires_at:
+        return "the workspace's period has not ended"
+    return None
+
+
 Guard = Callable[[object, dt.datetime, object], "str | None"]  # returns why not, or None
 
 
@@ -83,6 +92,7 @@ TABLE: tuple[Transition, ...] = (
     T("auto_complete", "system", {"delivered"}, "completed", "order.completed", _review_window_over),
     T("expire_quote", "system", {"pending_quote", "quoted", "accepted"}, "cancelled", "order.cancelled",
       _quote_stale),
+    T("close_workspace", "system", {"in_progress"}, "delivered", "order.delivered", _workspace_period_over),
 )
 
 ACTIONS = tuple(dict.fromkeys(t.action for t in TABLE))

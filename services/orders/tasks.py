@@ -23,6 +23,8 @@ app.conf.beat_schedule = {
     "fire-due-timers": {"task": "orders.fire_due_timers", "schedule": settings.timer_sweep_seconds},
     "prune": {"task": "orders.prune", "schedule": 3600.0},
     "stuck-previews": {"task": "orders.request_stuck_previews", "schedule": 600.0},
+    "workspaces-sweep": {"task": "workspaces.sweep", "schedule": settings.workspace_sweep_seconds,
+                         "options": {"queue": "workspaces"}},
     # the payouts worker's own sweep, sent by name to its queue (one beat for the whole system)
     "payouts-sweep": {"task": "payouts.sweep", "schedule": settings.payout_sweep_seconds,
                       "options": {"queue": "payouts"}},

@@ -20,11 +20,11 @@ from shared.ids import looks_like
 from shared.money import format_usd
 from shared.web import ok, page, storable
 
-from . import files, present, services, uploads
+from . import files, present, services, uploads, workspaces
 from . import schemas as s
 from . import cache
 from .cache import STRANGER
-from .models import Agent, Delivery, DeliveryItem, Order, SandboxTransfer, Service
+from .models import Agent, Delivery, DeliveryItem, Generation, Order, SandboxTransfer, Service
 from .payments import destination_for, record_sandbox_transfer
 from .wallets import verify_signature
 
@@ -210,6 +210,20 @@ def agent_orders(query, agent_id):
     return _orders_page(rows, last, caller)
 
 
+@agents_bp.route("/<agent_id>/generations", methods=["GET"])
+@agents_bp.arguments(s.GenerationListQuery, location="query")
+@agents_bp.response(200, s.envelope_of(s.GenerationOut, many_page=True))
+def agent_generations(query, agent_id):
+    """The agent's generations across its workspaces (`?status=pending`: what to work on now)."""
+    caller = _require("agent", "admin")
+    if caller.kind == "agent" and caller.id != agent_id:
+        raise errors.NotFound("No such agent.")
+    rows, last = workspaces.list_for_agent(_db(), agent_id, query.get("status"),
+                                           _decode_cursor(query.get("cursor")), query["limit"])
+    role = "agent" if caller.kind == "agent" else "admin"
+    return ok(page([present.generation(g, role, "", _rt().links) for g in rows], _cursor_after(last)))
+
+
 # --- services ----------------------------------------------------------------------------------
 
 @services_bp.route("", methods=["POST"])
@@ -332,12 +346,69 @@ def review(data, order_id):
     return ok(present.review(services.add_review(_db(), order, caller, data)), 201)
 
 
+# --- workspaces ------------------------------------------------------------------------------------
+
+@orders_bp.route("/<order_id>/generate", methods=["POST"])
+@orders_bp.arguments(s.GenerateIn)
+@orders_bp.response(202, s.envelope_of(s.GenerateOut))
+def generate(data, order_id):
+    """The buyer asks the agent for one generation; one unit of the workspace's quota is reserved."""
+    caller = _require("buyer", "agent", "admin")
+    if not looks_like("order", order_id):
+        raise errors.NotFound("No such order.")
+    generation, workspace, order = workspaces.generate(_db(), _rt(), order_id, caller, data["prompt"])
+    _db().flush()
+    return ok({"generation": present.generation(generation, "buyer", order.status, _rt().links),
+               "quota_used": workspace.quota_used, "quota_total": workspace.quota_total,
+               "expires_at": isoformat(workspace.expires_at)}, 202)
+
+
+@orders_bp.route("/<order_id>/generations", methods=["GET"])
+@orders_bp.arguments(s.GenerationListQuery, location="query")
+@orders_bp.response(200, s.envelope_of(s.GenerationOut, many_page=True))
+def order_generations(query, order_id):
+    caller = _require("buyer", "agent", "admin")
+    order = _order_for(order_id, caller)
+    rows, last = workspaces.list_for_order(_db(), order, query.get("status"),
+                                           _decode_cursor(query.get("cursor")), query["limit"])
+    role = services.party_of(order, caller)
+    return ok(page([present.generation(g, role, order.status, _rt().links) for g in rows], _cursor_after(last)))
+
+
+@orders_bp.route("/<order_id>/generations/<generation_id>", methods=["POST"])
+@orders_bp.arguments(s.GenerationAnswerIn)
+@orders_bp.response(200, s.envelope_of(s.GenerationOut))
+def answer_generation(data, order_id, generation_id):
+    """The agent's answer: a result (`upload_id` or `url`, `media_type`) or `{"status": "failed", "error"}`."""
+    caller = _require("buyer", "agent", "admin")
+    order = _order_for(order_id, caller, for_update=True)
+    if not looks_like("generation", generation_id):
+        raise errors.NotFound("No such generation.")
+    generation = workspaces.answer(_db(), _rt(), order, caller, generation_id, data)
+    _view_after_change(order, caller)
+    return ok(present.generation(generation, "agent", order.status, _rt().links))
+
+
+@orders_bp.route("/<order_id>/renew", methods=["POST"])
+@orders_bp.response(201, s.envelope_of(s.OrderOut))
+def renew(order_id):
+    """The next period of a weekly or monthly order: a new order at the service's price, linked to this one."""
+    caller = _require("buyer", "agent", "admin")
+    order = _order_for(order_id, caller, for_update=True)
+    renewal = workspaces.renew(_db(), _rt(), order, caller)
+    return ok(_view_after_change(renewal, caller), 201)
+
+
 def _item_and_order(item_id: str, for_update: bool = False) -> tuple[DeliveryItem | None, Order | None]:
-    """A delivered item and its order (the order row locked when asked), or Nones."""
+    """A delivered item (or a generation's result) and its order (the order row locked when
+    asked), or Nones."""
     item = _db().get(DeliveryItem, item_id) if looks_like("item", item_id) else None
     if item is None:
         return None, None
-    query = select(Order).join(Delivery, Delivery.order_id == Order.id).where(Delivery.id == item.delivery_id)
+    if item.delivery_id is not None:
+        query = select(Order).join(Delivery, Delivery.order_id == Order.id).where(Delivery.id == item.delivery_id)
+    else:
+        query = select(Order).join(Generation, Generation.order_id == Order.id).where(Generation.item_id == item.id)
     return item, _db().scalar(query.with_for_update(of=Order) if for_update else query)
 
 
