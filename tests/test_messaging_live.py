@@ -7,22 +7,16 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import requests
 
 from tests.support.api import ADMIN, Party
-from tests.support.net import ServedApp, free_port
+from tests.support.net import GunicornProcess, ServedApp
 from tests.test_messaging import Chat, make_messaging, orders  # noqa: F401  (fixtures)
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class EventStream:
@@ -181,50 +175,11 @@ def test_idle_streams_get_heartbeats_and_end_after_their_maximum_duration(api, m
 
 # --- two messaging processes -------------------------------------------------------------------
 
-class MessagingProcess:
-    """services.messaging.wsgi:app under gunicorn, as `make run` starts it."""
-
-    def __init__(self, env: dict):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(os.devnull, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--workers", "1", "--threads", "8",
-             "--bind", f"127.0.0.1:{self.port}", "services.messaging.wsgi:app"],
-            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "the messaging process exited"
-            try:
-                if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("the messaging process did not get ready")
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(5)
-        self.log.close()
-
-
 def test_a_message_posted_to_one_process_reaches_a_stream_on_another(api, orders, migrated, redis_url):
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "MESSAGING_DATABASE_URL")}
     env.update(DATABASE_URL=migrated.url, REDIS_URL=redis_url, ORDERS_URL=orders.url, RATE_LIMITS="off",
                LOG_LEVEL="WARNING", MESSAGING_STREAM_HEARTBEAT_SECONDS="1", PYTHONUNBUFFERED="1")
-    one, two = MessagingProcess(env), MessagingProcess(env)
+    one, two = (GunicornProcess("services.messaging.wsgi:app", env) for _ in range(2))
     try:
         one.wait_ready()
         two.wait_ready()
