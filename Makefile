@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: run test bench bench-payouts bench-messaging bench-watermark reconcile clean
+.PHONY: run test bench bench-payouts bench-messaging bench-watermark bench-quota reconcile clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,9 @@ bench-messaging: $(STAMP)  ## page latency on 100 vs 100,000 messages, and posts
 
 bench-watermark: $(STAMP)  ## the preview render against a bare Pillow resize and ImageMagick
 	$(PY) bench/watermark.py
+
+bench-quota: $(STAMP)  ## generate calls/s with and without contention on one order, and an over-issue check (needs PostgreSQL)
+	$(PY) bench/quota.py
 
 reconcile: $(STAMP)  ## the ledger against the orders and the payout rail; exit 1 on any mismatch
 	$(PY) -m services.payouts.reconcile
