@@ -20,7 +20,9 @@ from cryptography.x509.oid import NameOID
 from PIL import Image
 
 from services.media import fetch
-from services.media.fetch import FetchRefused, fetch_image, not_public
+from services.media.fetch import FetchRefused, fetch_image
+from shared import netguard
+from shared.netguard import not_public
 from shared.settings import load
 
 
@@ -391,7 +393,7 @@ def tls_server(tmp_path_factory):
 @pytest.fixture
 def trusting(tls_server, monkeypatch):
     """The fetcher trusts the test's CA (and only it)."""
-    monkeypatch.setattr(fetch, "_tls", lambda: ssl.create_default_context(cafile=tls_server.ca))
+    monkeypatch.setattr(netguard, "_tls", lambda: ssl.create_default_context(cafile=tls_server.ca))
 
 
 def https_settings(tls_server, settings, name="images.example"):
