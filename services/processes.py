@@ -55,6 +55,8 @@ PROCESSES: list[Process] = [
     worker("media", concurrency=2, app="services.media.worker"),
     # dispatches generations, times out unanswered ones, closes workspaces at their period's end
     worker("workspaces", concurrency=2),
+    # webhook requests wait on agents' endpoints (up to WEBHOOK_TIMEOUT_SECONDS each)
+    worker("webhooks", concurrency=4),
     beat(),
     web("gateway", "services.gateway.wsgi:app", GATEWAY_PORT, workers=1, threads=16, kind="gateway"),
 ]

@@ -13,7 +13,7 @@ ORDER_EVENTS = frozenset({
     "order.created", "order.quoted", "order.accepted", "order.paid", "order.started",
     "order.delivered", "order.revision_requested", "order.disputed", "order.completed",
     "order.cancelled", "order.payout_sent", "order.payout_failed", "order.refund_sent", "order.refund_failed",
-    "order.message",  # a buyer's message on the order, from the messaging service's outbox
+    "order.message",  # a message on the order, from the messaging service's outbox
     "order.generation_requested",  # a workspace's buyer asked for a generation (dispatched to the agent)
 })
 
@@ -38,6 +38,10 @@ SUBSCRIPTIONS = (
     Subscription("workspaces.dispatch", "workspaces", frozenset({"generation.created"})),
     # agents hear about every order event
     Subscription("webhooks.deliver_event", "webhooks", ORDER_EVENTS),
+    # buyers read what happened on their orders
+    Subscription("orders.notify_buyer", "default", frozenset({
+        "order.quoted", "order.delivered", "order.completed", "order.cancelled", "order.refund_sent",
+        "order.message"})),
 )
 
 

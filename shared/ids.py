@@ -5,7 +5,7 @@ import string
 _ALPHABET = string.ascii_letters + string.digits
 PREFIXES = {"agent": "agt", "service": "svc", "order": "ord", "delivery": "dlv", "item": "itm",
             "message": "msg", "review": "rev", "generation": "gen", "payout": "pay", "event": "evt",
-            "upload": "upl"}
+            "upload": "upl", "webhook_delivery": "whd", "notification": "ntf"}
 
 
 def new_id(kind: str) -> str:

@@ -83,6 +83,17 @@ class Settings:
     media_fetch_timeout_seconds: float = 20.0
     media_fetch_allowed_hosts: tuple[str, ...] = ()
     media_task_time_limit_seconds: int = 120
+    # Webhooks: endpoints must be public https unless their host is listed here (`host` or
+    # `host:port`, for local development and tests); the request timeout; retries with exponential
+    # backoff and jitter from the base to the cap, for the window; how long a rotated-out signing
+    # secret keeps signing; how often beat hands due attempts to the webhooks worker.
+    webhook_allowed_hosts: tuple[str, ...] = ()
+    webhook_timeout_seconds: float = 10.0
+    webhook_retry_base_seconds: float = 5.0
+    webhook_retry_max_seconds: float = 3600.0
+    webhook_retry_window_seconds: int = 24 * 3600
+    webhook_secret_overlap_seconds: int = 24 * 3600
+    webhook_sweep_seconds: float = 2.0
     # Fault injection for tests: publish every queue message twice.
     fault_duplicate_messages: bool = False
     # Durations (seconds) of the order timers.

@@ -16,7 +16,11 @@ import secrets
 import string
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, select, text
+
+from services.orders import webhooks
+from services.orders.models import Agent, OutboxEvent, WebhookDelivery
+from shared.auth import new_webhook_secret
 
 from shared.auth import sign_session
 from tests.support.api import ADMIN, ApiClient
@@ -57,6 +61,12 @@ MATRIX = {
     "POST /api/orders/{oid}/generations/{gid}":      ("generation",      403,  404,  200,  404,  401,  403, 401),
     "POST /api/orders/{oid}/renew":                  ("workspace",       201,  404,  403,  404,  401,  403, 401),
     "GET /api/agents/{aid}/generations":             ("generation",      403,  403,  200,  404,  401,  200, 401),
+    "POST /api/agents/me/webhook-secret/rotate":     (None,              403,  403,  200,  200,  401,  403, 401),
+    "GET /api/agents/me/webhook-deliveries":         (None,              403,  403,  200,  200,  401,  403, 401),
+    "POST /api/agents/me/webhook-deliveries/{did}/redeliver": ("webhook", 403, 403, 202,  404,  401,  403, 401),
+    "GET /api/agents/me/events":                     (None,              403,  403,  200,  200,  401,  403, 401),
+    "GET /api/notifications":                        (None,              200,  200,  403,  403,  401,  403, 401),
+    "PATCH /api/notifications":                      (None,              200,  200,  403,  403,  401,  403, 401),
     "GET /api/orders":                               (None,              200,  200,  403,  403,  401,  403, 401),
     "POST /api/orders":                              (None,              201,  201,  403,  403,  401,  403, 401),
     "GET /api/agents/{aid}/orders":                  ("paid",            403,  403,  200,  404,  401,  200, 401),
@@ -121,6 +131,10 @@ class World:
             "anonymous": {}, "admin": ADMIN.headers,
             "bad_token": {"Authorization": "Bearer garbage-" + secrets.token_hex(8)},
         }
+        with app.extensions["db"].transaction() as session:  # endpoints set as if validated earlier
+            for agent in (self.agent, self.other_agent):
+                row = session.get(Agent, agent.id)
+                row.endpoint_url, row.webhook_secret = "https://hooks.example.com/in", new_webhook_secret()
         self.ids = {"buyer": self.buyer.id, "other_buyer": self.other_buyer.id,
                     "agent": self.agent.id, "other_agent": self.other_agent.id}
 
@@ -153,6 +167,12 @@ class World:
                 with self.app.extensions["db"].transaction() as session:
                     workspaces.dispatch(session, self.app.extensions["orders_runtime"], generation["id"])
             return self.api.ok("GET", f"/api/orders/{order['id']}", ADMIN)
+        if state == "webhook":  # a paid order whose events the webhooks worker recorded for the agent
+            order = self.api.walk(agent, buyer, self.api.order(buyer, service), "paid")
+            with self.app.extensions["db"].transaction() as session:
+                for event in session.scalars(select(OutboxEvent).where(OutboxEvent.order_id == order["id"])):
+                    webhooks.record(session, self.settings, event.message())
+            return order
         if state == "payout_failed":  # completed, and the payouts worker gave up on the payout
             order = self.api.walk(agent, buyer, self.api.order(buyer, service), "completed")
             self.api.report_payout(order["id"], "payout", "failed", 5, error="The rail refused.")
@@ -208,6 +228,7 @@ def _body(world: World, endpoint: str, order: dict | None):
         "POST /api/admin/orders/{oid}/resolve": {"outcome": "refund", "note": "The agent never delivered."},
         "POST /api/orders": {"service_id": world.fixed_service["id"], "brief": "Please draw a red fox."},
         "PATCH /api/agents/me": {"name": "Renamed " + secrets.token_hex(3)},
+        "PATCH /api/notifications": {},
         "POST /api/agents": {"name": "Newcomer"},
         "POST /api/services": {"title": "Logo", "description": "A logo.", "price_type": "fixed",
                                "price_usd": "30.00"},
@@ -223,8 +244,13 @@ def _ids(world: World, order: dict | None) -> dict:
     generations = world.api.ok("GET", f"/api/orders/{order['id']}/generations", ADMIN)["items"] \
         if order.get("workspace") else []
     return {"oid": order.get("id"), "aid": world.agent.id, "sid": world.fixed_service["id"],
-            "gid": generations[0]["id"] if generations else None,
+            "gid": generations[0]["id"] if generations else None, "did": _delivery_of(world, order.get("id")),
             "pid": (order.get("payout") or {}).get("id"), "file": items[0]["url"] if items else None}
+
+
+def _delivery_of(world: World, order_id: str | None) -> str | None:
+    with world.app.extensions["db"].transaction() as session:
+        return session.scalar(select(WebhookDelivery.id).where(WebhookDelivery.order_id == order_id).limit(1))
 
 
 def assert_error(status: int, body, expected_status: int, expected_code: str, context=""):
@@ -303,7 +329,7 @@ def test_matrix_covers_every_route_of_the_app(world):
     declared = {parse(e) for e in MATRIX}
     declared_paths = {(m, p.replace("{oid}", "<order_id>").replace("{aid}", "<agent_id>")
                        .replace("{sid}", "<service_id>").replace("{pid}", "<payout_id>")
-                       .replace("{gid}", "<generation_id>")
+                       .replace("{gid}", "<generation_id>").replace("{did}", "<delivery_id>")
         .replace("{file}", "/api/files/<item_id>/<variant>")) for m, p in declared}
     missing = []
     for rule in world.app.url_map.iter_rules():

@@ -42,7 +42,8 @@ def stack():
     env.update({k: str(v) for k, v in ports.items()})
     env.update(DATABASE_URL=database_url, RATE_LIMITS="off", REVIEW_WINDOW_SECONDS="4",
                TIMER_SWEEP_SECONDS="1", OUTBOX_SWEEP_SECONDS="1", LOG_LEVEL="INFO",
-               WORKSPACE_WEEKLY_SECONDS=str(WEEK), GENERATION_TIMEOUT_SECONDS="3", WORKSPACE_SWEEP_SECONDS="1")
+               WORKSPACE_WEEKLY_SECONDS=str(WEEK), GENERATION_TIMEOUT_SECONDS="3", WORKSPACE_SWEEP_SECONDS="1",
+               WEBHOOK_ALLOWED_HOSTS="127.0.0.1", WEBHOOK_RETRY_BASE_SECONDS="0.5", WEBHOOK_SWEEP_SECONDS="1")
     redis_url = os.environ.get("E2E_REDIS_URL")
     if redis_url:
         env["REDIS_URL"] = redis_url
@@ -326,3 +327,36 @@ def test_a_weekly_workspace_with_the_real_workspaces_worker_and_beat(stack):
     assert [i["url"] for i in delivered["deliveries"][0]["items"]] == ["https://example.com/fox.txt"]
     assert delivered["timeline"][-1]["action"] == "close_workspace"
     assert gw.ok("PATCH", f"/api/orders/{oid}", buyer, json={"action": "approve"})["status"] == "completed"
+
+
+def test_webhooks_and_buyer_notifications_with_the_real_workers(stack):
+    """The webhooks worker POSTs each event, signed, to the agent's endpoint (retrying a 503); the
+    default worker turns the quote into the buyer's notification."""
+    from tests.support.receiver import Receiver
+    from tests.test_webhooks import docs_verify
+    receiver = Receiver(script=[503])
+    try:
+        gw = Gateway(stack["base"])
+        created = gw.ok("POST", "/api/agents", expect=201, json={"name": "Hooked", "endpoint_url": receiver.url})
+        key, secret = created["api_key"], created["webhook_secret"]
+        service = gw.ok("POST", "/api/services", key, expect=201,
+                        json={"title": "Logo", "description": "A logo", "price_type": "quote"})
+        wallet, buyer = gw.buyer()
+        oid = gw.ok("POST", "/api/orders", buyer, expect=201,
+                    json={"service_id": service["id"], "brief": "A logo for a bakery."})["id"]
+        gw.ok("POST", f"/api/orders/{oid}/quote", key, json={"price_usd": "80.00"})
+        gw.pay(buyer, wallet, oid)
+        assert _wait_for(lambda: {"order.created", "order.quoted", "order.paid"} <= set(receiver.events()), 20), \
+            receiver.events()
+        verify = docs_verify()
+        assert all(verify(secret, r.body, r.headers["X-Webhook-Signature"]) for r in receiver.received)
+        log = gw.ok("GET", "/api/agents/me/webhook-deliveries", key)["items"]
+        assert _wait_for(lambda: {d["status"] for d in gw.ok("GET", "/api/agents/me/webhook-deliveries",
+                                                              key)["items"]} == {"delivered"}, 20), log
+        assert max(d["attempts"] for d in gw.ok("GET", "/api/agents/me/webhook-deliveries", key)["items"]) == 2
+        feed = gw.ok("GET", "/api/agents/me/events", key)["items"]
+        assert [e["event"] for e in feed][:3] == ["order.created", "order.quoted", "order.paid"]
+        told = _wait_for(lambda: gw.ok("GET", "/api/notifications", buyer)["items"], 20)
+        assert told and told[0]["kind"] == "quoted" and "80.00" in told[0]["text"]
+    finally:
+        receiver.close()

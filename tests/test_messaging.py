@@ -529,23 +529,30 @@ def _events(chat: Chat, order_id: str) -> list[OutboxEvent]:
 
 
 def _queued(redis_url: str, queue: str) -> list[dict]:
+    """The events waiting in a queue for their consumers (other tasks, such as the relay's, left out)."""
     messages = [json.loads(raw) for raw in redis.Redis.from_url(redis_url).lrange(queue, 0, -1)]
-    return [json.loads(base64.b64decode(m["body"]))[0][0] | {"task": m["headers"]["task"]} for m in messages]
+    calls = [(json.loads(base64.b64decode(m["body"]))[0], m["headers"]["task"]) for m in messages]
+    return [args[0] | {"task": task} for args, task in calls if args and isinstance(args[0], dict)]
 
 
-def test_a_buyers_message_becomes_an_order_message_event_for_the_agents_webhooks(api, chat, redis_url):
+def test_every_message_becomes_an_order_message_event_for_webhooks_and_notifications(api, chat, redis_url):
     agent, buyer, order = api.order_in("paid")
     sent = chat.say(order["id"], buyer, "Please hurry.")
-    chat.say(order["id"], agent, "On it.")  # the agent's own messages make no event
-    [event] = _events(chat, order["id"])
-    assert event.event == "order.message" and event.published_at is not None  # relayed right after commit
-    queued = [m for m in _queued(redis_url, "webhooks") if m["event"] == "order.message"]
-    assert len(queued) == 1
-    message = queued[0]
-    assert message["task"] == "webhooks.deliver_event" and message["id"] == event.id
-    assert message["order_id"] == order["id"] and message["sequence"] == 0
+    answer = chat.say(order["id"], agent, "On it.")
+    events = _events(chat, order["id"])
+    assert [e.event for e in events] == ["order.message"] * 2
+    assert all(e.published_at is not None for e in events)  # relayed right after commit
+    for queue, task in (("webhooks", "webhooks.deliver_event"), ("default", "orders.notify_buyer")):
+        queued = sorted((m for m in _queued(redis_url, queue) if m["event"] == "order.message"),
+                        key=lambda m: m["data"]["created_at"])
+        assert [(m["task"], m["id"]) for m in queued] == [(task, e.id) for e in
+                                                          sorted(events, key=lambda e: e.data["created_at"])]
+    message = next(m for m in _queued(redis_url, "webhooks") if m["data"]["sender_type"] == "client")
+    assert message["order_id"] == order["id"] and message["sequence"] == 0  # the orders service numbers it
     assert message["data"] == {"order_id": order["id"], "message_id": sent["id"], "sender_type": "client",
                                "sender_id": buyer.id, "content": "Please hurry.", "created_at": sent["created_at"]}
+    reply = next(m for m in _queued(redis_url, "default") if m["data"]["sender_type"] == "agent")
+    assert reply["data"]["message_id"] == answer["id"] and reply["data"]["sender_id"] == agent.id
 
 
 def test_an_event_the_after_commit_relay_missed_is_relayed_by_the_sweeper(api, chat, redis_url, monkeypatch):

@@ -34,6 +34,8 @@ def _relay_handed_off(app, redis_url):
     handed = 0
     while (raw := client.rpop("default")) is not None:
         message = json.loads(raw)
+        if message["headers"]["task"] == "orders.notify_buyer":  # the default worker's other consumer
+            continue
         assert message["headers"]["task"] == "orders.relay_outbox"
         args, kwargs, _ = _body(message)
         handed += outbox.relay(*args, **kwargs)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from services.payouts import ledger
 from services.payouts.models import LedgerTransaction, Payout
 from shared.db import Database
 from tests.support.api import ApiClient
-from tests.support.net import free_port
+from tests.support.net import Proc, celery, free_port
 from tests.support.wallets import SolanaWallet
 
 pytestmark = pytest.mark.e2e
@@ -74,39 +73,6 @@ class RedisServer:
         self.proc.kill()
         self.proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class Proc:
-    """One process of the system, in its own process group so a kill takes its children too."""
-
-    def __init__(self, name, argv, env, logdir):
-        self.name, self.argv, self.env = name, argv, env
-        self.log = open(Path(logdir) / f"{name}.log", "ab")
-        self.proc = None
-        self.start()
-
-    def start(self):
-        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def kill(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
-
-    def stop(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            self.kill()
-        self.log.close()
-
-
-def celery(app: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", app, *args]
 
 
 @pytest.fixture
@@ -185,6 +151,7 @@ def walk(http: Http, agent, buyer, service_id: str, refund: bool) -> str:
     return order["id"]
 
 
+@pytest.mark.timeout(600)  # 250 orders and 20 worker kills; a busy shared machine slows it down
 def test_every_payout_and_refund_goes_out_exactly_once_under_kills_restarts_and_duplicates(system, migrated):
     api = ApiClient(system["app"])
     agents = [api.agent(f"Agent {i}", payout_wallet=SolanaWallet.generate().address, payout_chain="solana")

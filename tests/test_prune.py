@@ -1,9 +1,9 @@
 """Old bookkeeping is pruned; anything still owed (unpublished events, pending timers) is kept."""
 import datetime as dt
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from services.orders.models import IdempotencyRecord, OutboxEvent, Timer, Upload
+from services.orders.models import IdempotencyRecord, OutboxEvent, Timer, Upload, WebhookDelivery
 from services.orders.tasks import prune
 from shared.db import utcnow
 
@@ -21,7 +21,7 @@ def test_prune_keeps_what_is_owed_and_drops_what_is_old(api, app, db, settings):
     events, timers = _count(db, OutboxEvent), _count(db, Timer)
 
     assert prune(db, settings) == {"idempotency_keys": 0, "outbox_events": 0, "order_timers": 0,
-                                   "unused_uploads": 0}
+                                   "webhook_deliveries": 0, "unused_uploads": 0}
     later = utcnow() + dt.timedelta(days=settings.retention_days + 1)
     counts = prune(db, settings, now=later)
     assert counts["idempotency_keys"] == 1
@@ -65,3 +65,17 @@ def test_an_upload_no_delivery_took_is_deleted_with_its_file_and_a_delivered_one
     assert prune(db, settings, now=later, storage=storage)["unused_uploads"] == 1
     assert not storage.exists(keys[dropped["upload_id"]]) and storage.exists(keys[kept["upload_id"]])
     assert _count(db, Upload) == 1
+
+
+def test_the_agents_feed_keeps_the_retention_period_and_what_is_still_being_sent(api, db, settings):
+    from services.orders import webhooks
+    agent, buyer, order = api.order_in("paid")
+    with db.transaction() as session:
+        for event in session.scalars(select(OutboxEvent).where(OutboxEvent.order_id == order["id"])):
+            webhooks.record(session, settings, event.message())  # no endpoint: kept for the feed
+        session.execute(update(WebhookDelivery).where(WebhookDelivery.event == "order.paid")
+                        .values(status="pending"))  # as if still being retried
+    assert prune(db, settings)["webhook_deliveries"] == 0
+    later = utcnow() + dt.timedelta(days=settings.retention_days + 1)
+    assert prune(db, settings, now=later)["webhook_deliveries"] == 1
+    assert _count(db, WebhookDelivery) == 1 and _count(db, WebhookDelivery, WebhookDelivery.status == "pending") == 1

@@ -72,7 +72,7 @@ def post_message(session: Session, outbox, order_id: str, party: str, sender_id:
                  idempotency_key: str | None = None,
                  announce: Callable[[str, int], None] | None = None) -> Message:
     """Store a message; after the commit, `announce(order_id, seq)` wakes the live streams and the
-    buyer's messages are relayed as `order.message` events."""
+    message is relayed as an `order.message` event."""
     now = utcnow()
     # the thread row first: its lock makes the posts of one order commit in seq order, so a
     # reader who has seen seq n can never later find a new message below n
@@ -85,10 +85,10 @@ def post_message(session: Session, outbox, order_id: str, party: str, sender_id:
     if announce is not None:  # registered before the outbox's relay: live readers first
         seq = message.seq
         after_commit(session, lambda: announce(order_id, seq))
-    if party == CLIENT:  # the agent hears about the buyer's messages (webhooks)
-        outbox.record(session, MESSAGE_EVENT, {
-            "order_id": order_id, "message_id": message.id, "sender_type": party, "sender_id": sender_id,
-            "content": content, "created_at": isoformat(now)}, order_id=order_id, sequence=0)
+    # the agent hears about the buyer's messages (webhooks), the buyer about the agent's (notifications)
+    outbox.record(session, MESSAGE_EVENT, {
+        "order_id": order_id, "message_id": message.id, "sender_type": party, "sender_id": sender_id,
+        "content": content, "created_at": isoformat(now)}, order_id=order_id, sequence=0)
     return message
 
 

@@ -17,6 +17,10 @@ class Agent(Base):
     payout_chain: Mapped[str | None] = mapped_column(String(16))
     endpoint_url: Mapped[str | None] = mapped_column(String(2048))
     webhook_secret: Mapped[str | None] = mapped_column(String(128))
+    # after a rotation the old secret signs too, until it expires
+    previous_webhook_secret: Mapped[str | None] = mapped_column(String(128))
+    previous_secret_expires_at = mapped_column(UTCDateTime())
+    event_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # the feed's last position
     # reputation, updated in the transaction of the review or completion that changes it
     review_count: Mapped[int] = mapped_column(Integer, default=0)
     rating_sum: Mapped[int] = mapped_column(Integer, default=0)
@@ -250,6 +254,51 @@ class Settlement(Base):
     version: Mapped[int] = mapped_column(Integer, default=0)
     updated_at = mapped_column(UTCDateTime(), nullable=False)
     __table_args__ = (UniqueConstraint("order_id", "kind"),)
+
+
+class WebhookDelivery(Base):
+    """One order event for one agent: its catch-up feed entry and its webhook delivery."""
+    __tablename__ = "webhook_deliveries"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # X-Webhook-Delivery
+    agent_id: Mapped[str] = mapped_column(ForeignKey("agents.id"))
+    position: Mapped[int] = mapped_column(Integer)  # in the agent's feed, in commit order
+    event_id: Mapped[str] = mapped_column(String(32))
+    event: Mapped[str] = mapped_column(String(64))
+    order_id: Mapped[str] = mapped_column(String(32))
+    sequence: Mapped[int] = mapped_column(Integer)
+    body: Mapped[str] = mapped_column(Text)  # the exact JSON sent, the same on every attempt
+    status: Mapped[str] = mapped_column(String(16))  # pending | delivered | failed | no_endpoint
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at = mapped_column(UTCDateTime())
+    retry_until = mapped_column(UTCDateTime(), nullable=False)
+    created_at = mapped_column(UTCDateTime(), nullable=False)
+    delivered_at = mapped_column(UTCDateTime())
+    __table_args__ = (
+        UniqueConstraint("agent_id", "event_id"),
+        UniqueConstraint("agent_id", "position"),
+        Index("ix_webhook_deliveries_log", "agent_id", "created_at", "id"),
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    )
+
+
+class Notification(Base):
+    """Something that happened on a buyer's order, for the buyer to read."""
+    __tablename__ = "notifications"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    wallet: Mapped[str] = mapped_column(String(64))
+    order_id: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(32))
+    text: Mapped[str] = mapped_column(Text)
+    event_id: Mapped[str] = mapped_column(String(32))
+    created_at = mapped_column(UTCDateTime(), nullable=False)
+    read_at = mapped_column(UTCDateTime())
+    __table_args__ = (
+        UniqueConstraint("wallet", "event_id"),
+        Index("ix_notifications_wallet", "wallet", "created_at", "id"),
+        Index("ix_notifications_unread", "wallet", "read_at"),
+    )
 
 
 class SandboxTransfer(Base):

@@ -231,6 +231,24 @@ class GenerationListQuery(OrderListQuery):
     KNOWN = GENERATION_STATUSES
 
 
+class WebhookLogQuery(OrderListQuery):
+    KNOWN = ("pending", "delivered", "failed", "no_endpoint")
+
+
+class EventFeedQuery(Schema):
+    after = fields.Int(load_default=0, validate=validate.Range(0, 2**62))
+    limit = fields.Int(load_default=100, validate=validate.Range(1, 1000))
+
+
+class PageQuery(Schema):
+    cursor = fields.Str(validate=validate.Length(max=200))
+    limit = fields.Int(load_default=20, validate=validate.Range(1, 100))
+
+
+class MarkReadIn(Schema):
+    ids = fields.List(fields.Str(validate=validate.Length(min=1, max=32)), validate=validate.Length(min=1, max=100))
+
+
 class ReviewIn(Schema):
     rating = fields.Int(required=True, strict=True, validate=validate.Range(1, 5))
     comment = fields.Str(validate=validate.Length(max=500))
@@ -426,6 +444,57 @@ class OrderOut(Schema):
     timeline = fields.List(fields.Nested(TimelineOut))
     created_at = fields.Str()
     updated_at = fields.Str()
+
+
+class SecretOut(Schema):
+    webhook_secret = fields.Str()
+    previous_secret_valid_until = fields.Str(allow_none=True)
+
+
+class WebhookDeliveryOut(Schema):
+    id = fields.Str()
+    event_id = fields.Str()
+    event = fields.Str()
+    order_id = fields.Str()
+    sequence = fields.Int()
+    status = fields.Str(metadata={"description": "pending | delivered | failed | no_endpoint"})
+    attempts = fields.Int()
+    last_status_code = fields.Int(allow_none=True)
+    last_error = fields.Str(allow_none=True)
+    next_attempt_at = fields.Str(allow_none=True)
+    created_at = fields.Str()
+    delivered_at = fields.Str(allow_none=True)
+
+
+class FeedEventOut(Schema):
+    position = fields.Int(metadata={"description": "the event's place in this agent's feed: pass it as `after`"})
+    id = fields.Str()
+    event = fields.Str()
+    order_id = fields.Str()
+    sequence = fields.Int()
+    created_at = fields.Str()
+    data = fields.Dict()
+
+
+class NotificationOut(Schema):
+    id = fields.Str()
+    kind = fields.Str(metadata={"description": "quoted | delivered | workspace_closed | dispute_resolved | "
+                                               "refund_sent | message"})
+    order_id = fields.Str()
+    text = fields.Str()
+    created_at = fields.Str()
+    read_at = fields.Str(allow_none=True)
+
+
+class NotificationPageOut(Schema):
+    items = fields.List(fields.Nested(NotificationOut))
+    next_cursor = fields.Str(allow_none=True)
+    unread_count = fields.Int()
+
+
+class MarkedOut(Schema):
+    marked = fields.Int()
+    unread_count = fields.Int()
 
 
 class PaymentOut(Schema):

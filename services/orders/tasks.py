@@ -12,8 +12,8 @@ from shared.celery_app import make_celery
 from shared.db import Database, utcnow
 from shared.settings import load
 
-from . import services
-from .models import IdempotencyRecord, OutboxEvent, Timer, Upload
+from . import notifications, services
+from .models import IdempotencyRecord, OutboxEvent, Timer, Upload, WebhookDelivery
 
 log = logging.getLogger(__name__)
 settings = load()
@@ -25,6 +25,8 @@ app.conf.beat_schedule = {
     "stuck-previews": {"task": "orders.request_stuck_previews", "schedule": 600.0},
     "workspaces-sweep": {"task": "workspaces.sweep", "schedule": settings.workspace_sweep_seconds,
                          "options": {"queue": "workspaces"}},
+    "webhooks-sweep": {"task": "webhooks.sweep", "schedule": settings.webhook_sweep_seconds,
+                       "options": {"queue": "webhooks"}},
     # the payouts worker's own sweep, sent by name to its queue (one beat for the whole system)
     "payouts-sweep": {"task": "payouts.sweep", "schedule": settings.payout_sweep_seconds,
                       "options": {"queue": "payouts"}},
@@ -78,6 +80,14 @@ def sweep_timers(db: Database, rt: services.Runtime, now=None) -> int:
     return fired
 
 
+@app.task(name="orders.notify_buyer", acks_late=True)
+def notify_buyer(message: dict) -> bool:
+    """An order event the buyer should read about becomes a notification (once per event)."""
+    db, _rt = runtime()
+    with db.transaction() as session:
+        return notifications.record(session, message)
+
+
 @app.task(name="orders.request_stuck_previews", acks_late=True)
 def request_stuck_previews() -> int:
     db, rt = runtime()
@@ -117,6 +127,9 @@ def prune(db: Database, settings, now=None, storage=None) -> dict:
                 OutboxEvent.published_at.is_not(None), OutboxEvent.published_at < kept_since)).rowcount,
             "order_timers": session.execute(delete(Timer).where(
                 Timer.fired_at.is_not(None), Timer.fired_at < kept_since)).rowcount,
+            # the agents' feed and delivery log keep RETENTION_DAYS; what is still being sent stays
+            "webhook_deliveries": session.execute(delete(WebhookDelivery).where(
+                WebhookDelivery.status != "pending", WebhookDelivery.created_at < kept_since)).rowcount,
             "unused_uploads": len(stale),
         }
     log.info("pruned %s", counts)

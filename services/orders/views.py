@@ -20,11 +20,12 @@ from shared.ids import looks_like
 from shared.money import format_usd
 from shared.web import ok, page, storable
 
-from . import files, present, services, uploads, workspaces
+from . import files, notifications, present, services, uploads, webhooks, workspaces
 from . import schemas as s
 from . import cache
 from .cache import STRANGER
-from .models import Agent, Delivery, DeliveryItem, Generation, Order, SandboxTransfer, Service
+from .models import (Agent, Delivery, DeliveryItem, Generation, Notification, Order, SandboxTransfer, Service,
+                     WebhookDelivery)
 from .payments import destination_for, record_sandbox_transfer
 from .wallets import verify_signature
 
@@ -35,11 +36,13 @@ orders_bp = Blueprint("orders", __name__, url_prefix="/api/orders", description=
 admin_bp = Blueprint("admin", __name__, url_prefix="/api/admin", description="Admin")
 sandbox_bp = Blueprint("sandbox", __name__, url_prefix="/api/sandbox", description="Sandbox payments")
 files_bp = Blueprint("files", __name__, url_prefix="/api", description="Uploads and delivered files")
+notifications_bp = Blueprint("notifications", __name__, url_prefix="/api/notifications",
+                             description="Buyer notifications")
 internal = FlaskBlueprint("internal", __name__, url_prefix="/internal")
 
 
 def blueprints():
-    return (auth_bp, agents_bp, services_bp, orders_bp, admin_bp, sandbox_bp, files_bp)
+    return (auth_bp, agents_bp, services_bp, orders_bp, admin_bp, sandbox_bp, files_bp, notifications_bp)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -159,6 +162,8 @@ def session(data):
 @agents_bp.arguments(s.AgentIn)
 @agents_bp.response(201, s.envelope_of(s.AgentCreatedOut))
 def register_agent(data):
+    if data.get("endpoint_url"):
+        webhooks.validate_endpoint(data["endpoint_url"], _rt().settings)
     agent, api_key, secret = services.register_agent(_db(), data)
     _db().flush()
     body = {"agent": present.agent(agent, private=True), "api_key": api_key}
@@ -172,6 +177,8 @@ def register_agent(data):
 @agents_bp.response(200, s.envelope_of(s.AgentOut))
 def update_me(data):
     caller = _require("agent")
+    if data.get("endpoint_url"):
+        webhooks.validate_endpoint(data["endpoint_url"], _rt().settings)
     agent = _db().get(Agent, caller.id)
     secret = services.update_agent(_db(), _rt(), agent, data)
     _db().flush()
@@ -179,6 +186,53 @@ def update_me(data):
     if secret:
         body["webhook_secret"] = secret
     return ok(body)
+
+
+@agents_bp.route("/me/webhook-secret/rotate", methods=["POST"])
+@agents_bp.response(200, s.envelope_of(s.SecretOut))
+def rotate_webhook_secret():
+    """A new signing secret; the old one keeps signing for WEBHOOK_SECRET_OVERLAP_SECONDS."""
+    caller = _require("agent")
+    agent = _db().get(Agent, caller.id, with_for_update=True)
+    secret = webhooks.rotate_secret(agent, _rt().settings, utcnow())
+    return ok({"webhook_secret": secret, "previous_secret_valid_until": isoformat(agent.previous_secret_expires_at)})
+
+
+@agents_bp.route("/me/webhook-deliveries", methods=["GET"])
+@agents_bp.arguments(s.WebhookLogQuery, location="query")
+@agents_bp.response(200, s.envelope_of(s.WebhookDeliveryOut, many_page=True))
+def webhook_deliveries(query):
+    caller = _require("agent")
+    stmt = select(WebhookDelivery).where(WebhookDelivery.agent_id == caller.id)
+    if query.get("status"):
+        stmt = stmt.where(WebhookDelivery.status.in_(query["status"]))
+    rows, last = services.keyset_page(_db(), stmt, WebhookDelivery, _decode_cursor(query.get("cursor")),
+                                      query["limit"])
+    return ok(page([webhooks.present(r) for r in rows], _cursor_after(last)))
+
+
+@agents_bp.route("/me/webhook-deliveries/<delivery_id>/redeliver", methods=["POST"])
+@agents_bp.response(202, s.envelope_of(s.WebhookDeliveryOut))
+def redeliver_webhook(delivery_id):
+    """Send this event again (the webhooks worker picks it up within WEBHOOK_SWEEP_SECONDS)."""
+    caller = _require("agent")
+    if not looks_like("webhook_delivery", delivery_id):
+        raise errors.NotFound("No such webhook delivery.")
+    return ok(webhooks.present(webhooks.redeliver(_db(), _rt().settings, caller.id, delivery_id)), 202)
+
+
+@agents_bp.route("/me/events", methods=["GET"])
+@agents_bp.arguments(s.EventFeedQuery, location="query")
+@agents_bp.response(200, s.envelope_of(s.FeedEventOut, many_page=True))
+def event_feed(query):
+    """Every event of the agent's orders after a feed position, oldest first (the catch-up feed)."""
+    caller = _require("agent")
+    rows = _db().scalars(select(WebhookDelivery).where(WebhookDelivery.agent_id == caller.id,
+                                                       WebhookDelivery.position > query["after"])
+                         .order_by(WebhookDelivery.position).limit(query["limit"] + 1)).all()
+    more = len(rows) > query["limit"]
+    rows = rows[:query["limit"]]
+    return ok(page([webhooks.feed_item(r) for r in rows], str(rows[-1].position) if more else None))
 
 
 @agents_bp.route("/me", methods=["GET"])
@@ -459,6 +513,29 @@ def delivered_file(item_id, variant):
     if content_type.split("/")[0] not in ("image", "video"):
         response.headers["Content-Disposition"] = f'attachment; filename="{item.id}"'
     return response
+
+
+# --- buyer notifications ------------------------------------------------------------------------------
+
+@notifications_bp.route("", methods=["GET"])
+@notifications_bp.arguments(s.PageQuery, location="query")
+@notifications_bp.response(200, s.envelope_of(s.NotificationPageOut))
+def list_notifications(query):
+    caller = _require("buyer")
+    stmt = select(Notification).where(Notification.wallet == caller.id)
+    rows, last = services.keyset_page(_db(), stmt, Notification, _decode_cursor(query.get("cursor")), query["limit"])
+    return ok({**page([notifications.present(r) for r in rows], _cursor_after(last)),
+               "unread_count": notifications.unread_count(_db(), caller.id)})
+
+
+@notifications_bp.route("", methods=["PATCH"])
+@notifications_bp.arguments(s.MarkReadIn)
+@notifications_bp.response(200, s.envelope_of(s.MarkedOut))
+def mark_notifications_read(data):
+    """Mark these notifications read, or all of them when `ids` is absent."""
+    caller = _require("buyer")
+    marked = notifications.mark_read(_db(), caller.id, data.get("ids"))
+    return ok({"marked": marked, "unread_count": notifications.unread_count(_db(), caller.id)})
 
 
 # --- admin, sandbox ----------------------------------------------------------------------------

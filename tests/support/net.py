@@ -71,3 +71,36 @@ class GunicornProcess:
             pass
         self.proc.wait(5)
         self.log.close()
+
+
+class Proc:
+    """One process of the system, in its own process group so a kill takes its children too."""
+
+    def __init__(self, name, argv, env, logdir):
+        self.name, self.argv, self.env = name, argv, env
+        self.log = open(Path(logdir) / f"{name}.log", "ab")
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+    def stop(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            self.kill()
+        self.log.close()
+
+
+def celery(app: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", app, *args]

@@ -1,0 +1,62 @@
+"""The webhooks worker (queue `webhooks`; the orders Celery app, its own process): records each
+order event for its agent and POSTs it to the agent's endpoint; the sweep makes the attempts that
+come due (retries, and attempts a killed worker left behind)."""
+from __future__ import annotations
+
+import logging
+
+from shared import logs
+from shared.db import Database, utcnow
+
+from . import services, webhooks
+from .tasks import app, runtime
+
+log = logging.getLogger(__name__)
+ATTEMPT_TASK = "webhooks.attempt"
+
+
+@app.task(name="webhooks.deliver_event", acks_late=True)
+def deliver_event(message: dict) -> str | None:
+    logs.order_id.set(message.get("order_id"))
+    return handle_event(*runtime(), message)
+
+
+def handle_event(db: Database, rt: services.Runtime, message: dict) -> str | None:
+    """An order event: record it in the agent's feed and log, then make the first attempt."""
+    with db.transaction() as session:
+        delivery_id = webhooks.record(session, rt.settings, message)
+    if delivery_id is not None:
+        return attempt_now(db, rt, delivery_id)
+    return None
+
+
+@app.task(name=ATTEMPT_TASK, acks_late=True)
+def attempt(delivery_id: str) -> str | None:
+    db, rt = runtime()
+    return attempt_now(db, rt, delivery_id)
+
+
+def attempt_now(db: Database, rt: services.Runtime, delivery_id: str) -> str | None:
+    """One attempt, if it is due and no one else has it; the request runs outside any transaction."""
+    with db.transaction() as session:
+        claim = webhooks.claim(session, rt.settings, delivery_id, utcnow())
+    if claim is None:
+        return None
+    outcome = webhooks.post(claim, rt.settings)
+    with db.transaction() as session:
+        status = webhooks.finish(session, rt.settings, claim, outcome, utcnow())
+    if status != "delivered":
+        log.info("webhook %s (%s) attempt %d: %s, %s", claim.id, claim.event, claim.attempt,
+                 outcome.error, status)
+    return status
+
+
+@app.task(name="webhooks.sweep", acks_late=True)
+def sweep() -> int:
+    """Hand every due attempt to the worker pool (each claims its row, so a repeat is harmless)."""
+    db, _rt = runtime()
+    with db.transaction() as session:
+        ids = webhooks.due_ids(session, utcnow())
+    for delivery_id in ids:
+        app.send_task(ATTEMPT_TASK, args=[delivery_id], queue="webhooks")
+    return len(ids)
