@@ -22,7 +22,7 @@ from tests.support.wallets import SolanaWallet
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
-WEEK = 12  # seconds: a weekly workspace's period in this stack
+WEEK = 20  # seconds: a weekly workspace's period in this stack
 
 
 @pytest.fixture(scope="module")
@@ -312,11 +312,21 @@ def test_a_weekly_workspace_with_the_real_workspaces_worker_and_beat(stack):
     def pending():
         return gw.ok("GET", f"/api/agents/{aid}/generations?status=pending", key)["items"]
     assert _wait_for(lambda: len(pending()) == 2, timeout=10), "the workspaces worker did not dispatch"
+    import io
+    from PIL import Image
+    picture = io.BytesIO()
+    Image.new("RGB", (1200, 800), (200, 90, 20)).save(picture, "JPEG")
+    upload = gw.ok("POST", "/api/uploads", key, expect=201, files={"file": ("fox.jpg", picture.getvalue())})
     gw.ok("POST", f"/api/orders/{oid}/generations/{answered['id']}", key,
-          json={"url": "https://example.com/fox.txt", "media_type": "text"})
+          json={"upload_id": upload["upload_id"], "media_type": "image"})
 
     def generations():
         return {g["id"]: g for g in gw.ok("GET", f"/api/orders/{oid}/generations", buyer)["items"]}
+    # the media worker renders the result's watermarked preview; the buyer gets only that
+    result = _wait_for(lambda: (r := generations()[answered["id"]]["result"])["preview_status"] == "ready" and r,
+                       timeout=30)
+    assert result and result["url"] is None
+    assert gw.http.get(stack["base"] + result["preview_url"], timeout=30).status_code == 200
     assert _wait_for(lambda: generations()[ignored["id"]]["status"] == "timed_out", timeout=10)
     workspace = gw.ok("GET", f"/api/orders/{oid}", buyer)["workspace"]
     assert (workspace["quota_used"], workspace["generations_pending"]) == (1, 0)  # the timed-out unit is back
@@ -324,9 +334,12 @@ def test_a_weekly_workspace_with_the_real_workspaces_worker_and_beat(stack):
     delivered = _wait_for(lambda: (o := gw.ok("GET", f"/api/orders/{oid}", buyer))["status"] == "delivered" and o,
                           timeout=WEEK + 15)
     assert delivered, "beat and the worker did not close the workspace"
-    assert [i["url"] for i in delivered["deliveries"][0]["items"]] == ["https://example.com/fox.txt"]
+    [item] = delivered["deliveries"][0]["items"]
+    assert (item["id"], item["url"], item["preview_status"]) == (result["id"], None, "ready")
     assert delivered["timeline"][-1]["action"] == "close_workspace"
     assert gw.ok("PATCH", f"/api/orders/{oid}", buyer, json={"action": "approve"})["status"] == "completed"
+    original = gw.ok("GET", f"/api/orders/{oid}", buyer)["deliveries"][0]["items"][0]["url"]
+    assert gw.http.get(stack["base"] + original, timeout=30).content == picture.getvalue()
 
 
 def test_webhooks_and_buyer_notifications_with_the_real_workers(stack):

@@ -1,7 +1,7 @@
 """Buyer notifications: what happened on a buyer's orders that the buyer should see — a quote, a
 delivery, a workspace's close, a dispute's resolution, a refund sent, a message from the agent.
-Made from the order events (once per event) by the default worker; read and marked read through
-`/api/notifications`."""
+Made from the order events (once per event; which events: shared/events.py) by the default
+worker; read and marked read through `/api/notifications`."""
 from __future__ import annotations
 
 from sqlalchemy import func, select, update
@@ -14,8 +14,6 @@ from shared.money import format_usd
 
 from .models import Notification, Order
 
-EVENTS = frozenset({"order.quoted", "order.delivered", "order.completed", "order.cancelled", "order.refund_sent",
-                    "order.message"})
 PREVIEW = 200  # characters of a message shown in its notification
 
 

@@ -103,15 +103,17 @@ def record(session: Session, settings: Settings, message: dict, now: dt.datetime
     agent_id = data.get("agent_id") or session.scalar(select(Order.agent_id).where(Order.id == order_id))
     if agent_id is None:
         return None
+    # the agent's row is the lock that makes feed positions follow commit order, and a repeated
+    # message wait for the first to commit
+    endpoint = session.scalar(select(Agent.endpoint_url).where(Agent.id == agent_id).with_for_update())
     existing = session.scalar(select(WebhookDelivery).where(WebhookDelivery.agent_id == agent_id,
                                                             WebhookDelivery.event_id == message["id"]))
     if existing is not None:
         return existing.id if existing.status == "pending" else None
     sequence = message.get("sequence") or _next_sequence(session, order_id)
-    # the agent's row is the lock that makes feed positions follow commit order
     position = session.execute(update(Agent).where(Agent.id == agent_id)
-                               .values(event_count=Agent.event_count + 1).returning(Agent.event_count)).scalar()
-    endpoint = session.scalar(select(Agent.endpoint_url).where(Agent.id == agent_id))
+                               .values(event_count=Agent.event_count + 1).returning(Agent.event_count),
+                               execution_options={"synchronize_session": False}).scalar()
     now = now or utcnow()
     body = {"id": message["id"], "event": message["event"], "order_id": order_id, "sequence": sequence,
             "created_at": message["created_at"], "data": data}
