@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: run test bench bench-payouts bench-messaging bench-watermark bench-quota reconcile clean
+.PHONY: run test bench bench-payouts bench-messaging bench-watermark bench-quota bench-webhooks reconcile clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +31,9 @@ bench-watermark: $(STAMP)  ## the preview render against a bare Pillow resize an
 
 bench-quota: $(STAMP)  ## generate calls/s with and without contention on one order, and an over-issue check (needs PostgreSQL)
 	$(PY) bench/quota.py
+
+bench-webhooks: $(STAMP)  ## webhook events/s to a local receiver against its capacity, and transition-to-delivery lag (needs PostgreSQL)
+	$(PY) bench/webhooks.py
 
 reconcile: $(STAMP)  ## the ledger against the orders and the payout rail; exit 1 on any mismatch
 	$(PY) -m services.payouts.reconcile

@@ -24,10 +24,8 @@ def deliver_event(message: dict) -> str | None:
 def handle_event(db: Database, rt: services.Runtime, message: dict) -> str | None:
     """An order event: record it in the agent's feed and log, then make the first attempt."""
     with db.transaction() as session:
-        delivery_id = webhooks.record(session, rt.settings, message)
-    if delivery_id is not None:
-        return attempt_now(db, rt, delivery_id)
-    return None
+        claim = webhooks.record(session, rt.settings, message)
+    return _attempt(db, rt, claim) if claim is not None else None
 
 
 @app.task(name=ATTEMPT_TASK, acks_late=True)
@@ -37,11 +35,14 @@ def attempt(delivery_id: str) -> str | None:
 
 
 def attempt_now(db: Database, rt: services.Runtime, delivery_id: str) -> str | None:
-    """One attempt, if it is due and no one else has it; the request runs outside any transaction."""
+    """One attempt, if it is due and no one else has it."""
     with db.transaction() as session:
         claim = webhooks.claim(session, rt.settings, delivery_id, utcnow())
-    if claim is None:
-        return None
+    return _attempt(db, rt, claim) if claim is not None else None
+
+
+def _attempt(db: Database, rt: services.Runtime, claim: webhooks.Claim) -> str:
+    """POST a claimed attempt, outside any transaction, and record how it went."""
     outcome = webhooks.post(claim, rt.settings)
     with db.transaction() as session:
         status = webhooks.finish(session, rt.settings, claim, outcome, utcnow())

@@ -92,9 +92,9 @@ def signature(secrets: list[str], body: bytes, timestamp: int) -> str:
 
 # --- recording: one row per (agent, event) ---------------------------------------------------------
 
-def record(session: Session, settings: Settings, message: dict, now: dt.datetime | None = None) -> str | None:
+def record(session: Session, settings: Settings, message: dict, now: dt.datetime | None = None) -> Claim | None:
     """Record an order event for its agent (once: a repeated message finds the row). Returns the
-    delivery id when there is an attempt to make, else None."""
+    first attempt, already claimed, when the agent has an endpoint, else None."""
     data = message.get("data") or {}
     order_id = message.get("order_id")
     skip = SKIP.get(message["event"])
@@ -105,30 +105,33 @@ def record(session: Session, settings: Settings, message: dict, now: dt.datetime
         return None
     # the agent's row is the lock that makes feed positions follow commit order, and a repeated
     # message wait for the first to commit
-    endpoint = session.scalar(select(Agent.endpoint_url).where(Agent.id == agent_id).with_for_update())
-    existing = session.scalar(select(WebhookDelivery).where(WebhookDelivery.agent_id == agent_id,
-                                                            WebhookDelivery.event_id == message["id"]))
-    if existing is not None:
-        return existing.id if existing.status == "pending" else None
+    agent = session.scalar(select(Agent).where(Agent.id == agent_id).with_for_update())
+    if agent is None or session.scalar(select(WebhookDelivery.id).where(WebhookDelivery.agent_id == agent_id,
+                                                                        WebhookDelivery.event_id == message["id"])):
+        return None  # a repeated message: the first one's attempts (and the sweep) see to it
     sequence = message.get("sequence") or _next_sequence(session, order_id)
+    # the feed's next position (the agent's profile is not changed: updated_at stays)
     position = session.execute(update(Agent).where(Agent.id == agent_id)
-                               .values(event_count=Agent.event_count + 1).returning(Agent.event_count),
-                               execution_options={"synchronize_session": False}).scalar()
-    now = now or utcnow()
+                               .values(event_count=Agent.event_count + 1, updated_at=Agent.updated_at)
+                               .returning(Agent.event_count), execution_options={"synchronize_session": False}).scalar()
+    endpoint, now = agent.endpoint_url, now or utcnow()
     body = {"id": message["id"], "event": message["event"], "order_id": order_id, "sequence": sequence,
             "created_at": message["created_at"], "data": data}
+    # with an endpoint, the row is born claimed for its first attempt (no second transaction)
     row = WebhookDelivery(id=new_id("webhook_delivery"), agent_id=agent_id, position=position,
                           event_id=message["id"], event=message["event"], order_id=order_id, sequence=sequence,
                           body=json.dumps(body, separators=(",", ":")),
-                          status="pending" if endpoint else "no_endpoint", attempts=0,
-                          next_attempt_at=now if endpoint else None, created_at=now,
+                          status="pending" if endpoint else "no_endpoint", attempts=1 if endpoint else 0,
+                          next_attempt_at=_lease(now, settings) if endpoint else None, created_at=now,
                           retry_until=now + dt.timedelta(seconds=settings.webhook_retry_window_seconds))
     try:
         with session.begin_nested():
             session.add(row)
-    except IntegrityError:  # the same event recorded meanwhile by a duplicate message
+    except IntegrityError:  # SQLite takes no row lock: a duplicate message got there first
         return None
-    return row.id if endpoint else None
+    if not endpoint:
+        return None
+    return Claim(row.id, row.body, row.event, endpoint, signing_secrets(agent, now), 1)
 
 
 def _next_sequence(session: Session, order_id: str) -> int:
@@ -159,10 +162,15 @@ class Outcome:
     error: str | None
 
 
+def _lease(now: dt.datetime, settings: Settings) -> dt.datetime:
+    """Until when a claimed attempt is its worker's: after twice the request timeout it counts as
+    lost (the worker died) and the sweep hands it out again."""
+    return now + dt.timedelta(seconds=2 * settings.webhook_timeout_seconds + 5)
+
+
 def claim(session: Session, settings: Settings, delivery_id: str, now: dt.datetime) -> Claim | None:
     """Take the next attempt of a due delivery, or None (not due, done, or taken by another)."""
-    # a claimed attempt counts as lost (its worker died) after twice the request timeout
-    lease = now + dt.timedelta(seconds=2 * settings.webhook_timeout_seconds + 5)
+    lease = _lease(now, settings)
     taken = session.execute(
         update(WebhookDelivery)
         .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending",
