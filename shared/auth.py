@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -68,6 +69,21 @@ def sign_session(secret: str, wallet: str, chain: str, ttl: int, now: float | No
 
 
 def verify_session(secret: str, token: str, now: float | None = None) -> Caller | None:
+    if len(token) > MAX_SESSION_TOKEN:
+        return None
+    verified = _verified(secret, token)
+    if verified is None or verified[2] < (now or time.time()):  # expiry: checked on every use
+        return None
+    return Caller("buyer", verified[0], verified[1])
+
+
+MAX_SESSION_TOKEN = 512  # ours are about 150 characters; longer is not one, and not worth caching
+
+
+@functools.lru_cache(maxsize=4096)
+def _verified(secret: str, token: str) -> tuple[str, str, int] | None:
+    """(wallet, chain, expires) of a token whose MAC checks out, else None; each token is checked
+    once per process (a buyer's every request carries the same one)."""
     parts = token.split(".")
     if len(parts) != 3 or parts[0] != "ses" or not token.isascii():
         return None
@@ -76,9 +92,7 @@ def verify_session(secret: str, token: str, now: float | None = None) -> Caller 
         return None
     try:
         data = json.loads(_unb64(parts[1]))
-        if data["e"] < (now or time.time()):
-            return None
-        return Caller("buyer", data["w"], data["c"])
+        return str(data["w"]), str(data["c"]), int(data["e"])
     except (ValueError, KeyError, TypeError):
         return None
 

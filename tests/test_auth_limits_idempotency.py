@@ -169,3 +169,14 @@ def test_a_replayed_transition_is_not_applied_twice(api):
     second = api.call("PATCH", f"/api/orders/{order['id']}", buyer, json={"action": "approve"}, headers=headers)
     assert first[0] == second[0] == 200 and first[1] == second[1]
     assert api.ok("GET", f"/api/agents/{agent.id}")["completed_orders"] == 1
+
+
+def test_a_session_checked_once_still_expires_and_still_needs_its_secret():
+    """Verified tokens are remembered per process; the expiry and the secret still decide."""
+    from shared.auth import verify_session
+    token, expires = sign_session("secret-one", "WalletA", "solana", 60, now=1_000)
+    assert verify_session("secret-one", token, now=1_010).id == "WalletA"
+    assert verify_session("secret-one", token, now=1_010).id == "WalletA"  # from the cache
+    assert verify_session("secret-one", token, now=expires + 1) is None
+    assert verify_session("secret-two", token, now=1_010) is None  # a rotated secret ends it
+    assert verify_session("secret-one", token + "x" * 600, now=1_010) is None
