@@ -18,6 +18,7 @@ import argparse
 import http.client
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -144,11 +146,28 @@ def fresh_database(url: str, env: dict) -> None:
         raise SetupError(f"migrate failed:\n{done.stdout}{done.stderr}")
 
 
+def plain(url: str) -> str:
+    """A libpq URL (no SQLAlchemy driver suffix) for psycopg."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme.split("+")[0], *parts[1:]))
+
+
 def vacuum_analyze(url: str) -> None:
     import psycopg
-    parts = urlsplit(url)
-    with psycopg.connect(urlunsplit((parts.scheme.split("+")[0], *parts[1:])), autocommit=True) as conn:
+    with psycopg.connect(plain(url), autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE")
+
+
+class Reader:
+    """The bench's own autocommit connection, reading what the services wrote; a bench's `Tables`
+    subclasses it with its queries."""
+
+    def __init__(self, url: str):
+        import psycopg
+        self.conn = psycopg.connect(plain(url), autocommit=True)
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def flush_redis(url: str) -> None:
@@ -211,19 +230,30 @@ class Seeder:
             "signature": wallet.sign(challenge["message"])})["token"]
         self.payment: dict = {}
 
-    def one(self, _i=None) -> str:
-        api, buyer = self.api, self.buyer
-        order = api.call("POST", "/api/orders", buyer, {"service_id": self.service["id"], "brief": "Bench order."})
-        oid = order["id"]
+    # The steps of an order, each through `api` (default: the seeder's own connections).
+    def create(self, api: Api | None = None, brief: str = "Bench order.") -> str:
+        return (api or self.api).call("POST", "/api/orders", self.buyer,
+                                      {"service_id": self.service["id"], "brief": brief})["id"]
+
+    def pay(self, oid: str, api: Api | None = None) -> dict:
+        """A sandbox transfer from the buyer's wallet, then `PATCH pay`; returns the order."""
+        api = api or self.api
         if not self.payment:  # the same for every order of this service and buyer
-            self.payment.update(api.call("GET", f"/api/orders/{oid}/payment", buyer))
+            self.payment.update(api.call("GET", f"/api/orders/{oid}/payment", self.buyer))
         pay = self.payment
         tx = api.call("POST", "/api/sandbox/transfers", body={
             "from_wallet": self.wallet.address, "to": pay["destination"], "amount_usd": pay["amount_usd"],
             "asset": pay["asset"], "chain": pay["chain"]})["tx_hash"]
-        api.call("PATCH", f"/api/orders/{oid}", buyer, {"action": "pay", "escrow_tx_hash": tx})
-        order = api.call("POST", f"/api/orders/{oid}/deliver", self.agent, {
+        return api.call("PATCH", f"/api/orders/{oid}", self.buyer, {"action": "pay", "escrow_tx_hash": tx})
+
+    def deliver(self, oid: str, api: Api | None = None) -> dict:
+        return (api or self.api).call("POST", f"/api/orders/{oid}/deliver", self.agent, {
             "deliverables": [{"url": "https://example.com/result", "media_type": "link"}]})
+
+    def one(self, _i=None) -> str:
+        oid = self.create()
+        self.pay(oid)
+        order = self.deliver(oid)
         if order["status"] != "delivered":
             raise SetupError(f"seeding: order {oid} is {order['status']}, not delivered")
         return oid
@@ -316,6 +346,15 @@ class Errors:
             self.count += 1
             if len(self.samples) < 5:
                 self.samples.append(what)
+
+    def print(self, what: str = "") -> None:
+        """The report's last lines: the count and a few samples, or that there were none."""
+        if self.count:
+            print(f"ERRORS: {self.count}{what}, e.g.:")
+            for sample in self.samples:
+                print(f"  {sample}")
+        else:
+            print("errors: none")
 
 
 def measure(port: int, requests, connections: int, duration: float, errors: Errors) -> tuple[float, float]:
@@ -410,6 +449,95 @@ def loadavg() -> str:
         return "?"
 
 
+def pct(values: list[float], p: float) -> float:
+    """The nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+# --- the frame every bench runs in -------------------------------------------------------------
+
+def bench_urls(default_database_url: str, default_redis_url: str) -> tuple[str, str]:
+    """(database URL, Redis URL): BENCH_DATABASE_URL and BENCH_REDIS_URL, else the bench's own
+    defaults (each bench has its own, so that two benches can run at once)."""
+    return (os.environ.get("BENCH_DATABASE_URL", default_database_url),
+            os.environ.get("BENCH_REDIS_URL", default_redis_url))
+
+
+def service_env(database_url: str, redis_url: str, cleared: tuple[str, ...] = (), **extra: str) -> dict:
+    """This environment for the services, less `cleared`: every service's tables in the bench's one
+    database (the migrations and the services read the same variables), its Redis, no rate limits
+    (the load comes from one address), sandbox payments; then `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in cleared}
+    env.update(DATABASE_URL=database_url, ORDERS_DATABASE_URL=database_url, PAYOUTS_DATABASE_URL=database_url,
+               MESSAGING_DATABASE_URL=database_url, REDIS_URL=redis_url, RATE_LIMITS="off",
+               PAYMENT_VERIFIER="sandbox", PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def start(*procs: Proc) -> None:
+    """Start them all, then wait for each to be ready: they boot side by side."""
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.wait_ready()
+
+
+def run_bench(body: Callable[[str], bool], *, env: dict, procs: Iterable[Proc], logdir: Path,
+              closing: list | None = None) -> int:
+    """Run `body(load_before) -> failed` on a fresh database (env's DATABASE_URL) and a flushed
+    Redis (env's REDIS_URL); `body` starts what it needs of `procs` and prints the report.
+    Returns the exit code: 0 ran, 1 `body` says failed, 2 the setup failed (or a bug), 130 interrupted.
+
+    Whatever happens, including Ctrl-C and SIGTERM, at the end: what `body` put in `closing` is
+    closed (before the processes it talks to go), every started process of `procs` is stopped in
+    reverse order, Redis is flushed (it holds task messages for workers that do not run here), and
+    `logdir` is removed unless the run failed: then the logs are kept to look at."""
+    database_url, redis_url = env["DATABASE_URL"], env["REDIS_URL"]
+    closing = [] if closing is None else closing
+
+    def on_term(signum, _frame):  # SIGTERM (a CI timeout, `kill`) cleans up as Ctrl-C does
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_term)
+
+    failed = True  # until `body` returns: a setup failure or a crash keeps the logs
+    try:
+        load_before = loadavg()
+        log(f"machine: {machine()}; load average {load_before}")
+        log(f"database {database_url}, redis {redis_url}; logs in {logdir}")
+        fresh_database(database_url, env)
+        flush_redis(redis_url)
+        failed = bool(body(load_before))
+        return 1 if failed else 0
+    except SetupError as exc:
+        log(f"bench: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        log("bench: interrupted")
+        failed = False  # an interrupted run's logs say nothing
+        return 130
+    except Exception:
+        import traceback
+        traceback.print_exc()
+        return 2
+    finally:
+        for resource in closing:
+            try:
+                resource.close()
+            except Exception:  # noqa: BLE001  (a broken connection must not stop the clean-up)
+                pass
+        for p in reversed(list(procs)):
+            p.stop()  # a no-op for one never started
+        try:
+            flush_redis(redis_url)
+        except SetupError:
+            pass
+        if failed:
+            log(f"logs kept in {logdir}")
+        else:
+            shutil.rmtree(logdir, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run (figures not meaningful)")
@@ -426,30 +554,15 @@ def main(argv=None) -> int:
     read_orders = 10
     conns = args.connections
 
-    database_url = os.environ.get("BENCH_DATABASE_URL", DEFAULT_DATABASE_URL)
-    redis_url = os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL)
-    env = dict(os.environ, DATABASE_URL=database_url, ORDERS_DATABASE_URL=database_url, REDIS_URL=redis_url,
-               RATE_LIMITS="off", PAYMENT_VERIFIER="sandbox", PYTHONPATH=str(ROOT))
+    database_url, redis_url = bench_urls(DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL)
+    env = service_env(database_url, redis_url)
     logdir = Path(tempfile.mkdtemp(prefix="orderdesk-bench-"))
     servers = [Server("hello", "bench.hello:app", env, logdir, "/"),
                Server("orders", "services.orders.wsgi:app", env, logdir, "/healthz")]
     errors = Errors()
 
-    def on_term(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, on_term)
-
-    failed = True
-    try:
-        load_before = loadavg()
-        log(f"machine: {machine()}; load average {load_before}")
-        log(f"database {database_url}, redis {redis_url}; server logs in {logdir}")
-        fresh_database(database_url, env)
-        flush_redis(redis_url)
-        for server in servers:
-            server.start()
-        for server in servers:
-            server.wait_ready()
+    def body(load_before: str) -> bool:
+        start(*servers)
         hello, orders = (s.port for s in servers)
 
         seeder = Seeder(orders)
@@ -458,8 +571,8 @@ def main(argv=None) -> int:
         reads, warm_pool = ids[:read_orders], ids[read_orders:]
 
         def approves(batch):
-            body = b'{"action": "approve"}'
-            return iter([http_request("PATCH", f"/api/orders/{oid}", orders, buyer, body) for oid in batch])
+            action = b'{"action": "approve"}'
+            return iter([http_request("PATCH", f"/api/orders/{oid}", orders, buyer, action) for oid in batch])
 
         # The approve warm-up also says how many orders a round needs.
         rate, _ = measure(orders, approves(warm_pool), conns, warmup, errors)
@@ -488,30 +601,9 @@ def main(argv=None) -> int:
 
         load = f"{load_before} before, {loadavg()} after (other processes share the CPUs)"
         report(results, rounds, duration, conns, args.quick, errors, load)
-        failed = errors.count > 0
-        return 1 if failed else 0
-    except SetupError as exc:
-        log(f"bench: {exc}")
-        return 2
-    except KeyboardInterrupt:
-        log("bench: interrupted")
-        failed = False
-        return 130
-    except Exception:
-        import traceback
-        traceback.print_exc()
-        return 2
-    finally:
-        for server in reversed(servers):
-            server.stop()
-        try:
-            flush_redis(redis_url)  # the outbox's task messages, which no worker consumes here
-        except SetupError:
-            pass
-        if failed:
-            log(f"server logs kept in {logdir}")
-        else:
-            shutil.rmtree(logdir, ignore_errors=True)
+        return errors.count > 0
+
+    return run_bench(body, env=env, procs=servers, logdir=logdir)
 
 
 def report(results, rounds, duration, conns, quick, errors, load: str) -> None:
@@ -539,12 +631,7 @@ def report(results, rounds, duration, conns, quick, errors, load: str) -> None:
         paired = " ".join(f"{a / b:.2f}" if b else "-" for a, b in zip(results[num], results[den]))
         print(f"{text:<{width}}  {ratio:>7.2f}  >= {TARGETS[key]:.2f}  {verdict:<5}  {paired}")
     print()
-    if errors.count:
-        print(f"ERRORS: {errors.count} request(s) failed, e.g.:")
-        for sample in errors.samples:
-            print(f"  {sample}")
-    else:
-        print("errors: none")
+    errors.print(" request(s) failed")
 
 
 if __name__ == "__main__":

@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -34,8 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.api import (GUNICORN, Conn, Errors, Seeder, Server, SetupError, flush_redis, fresh_database,  # noqa: E402
-                       http_request, loadavg, log, machine, measure, vacuum_analyze)
+from bench.api import (GUNICORN, Conn, Errors, Seeder, Server, bench_urls, http_request, loadavg, log,  # noqa: E402
+                       machine, measure, run_bench, service_env, start, vacuum_analyze)
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/orderdesk_bench_messaging"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -116,11 +113,8 @@ def main(argv=None) -> int:
     duration = args.duration or (1.0 if args.quick else 5.0)
     conns = args.connections
 
-    database_url = os.environ.get("BENCH_DATABASE_URL", DEFAULT_DATABASE_URL)
-    redis_url = os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL)
-    env = dict(os.environ, DATABASE_URL=database_url, ORDERS_DATABASE_URL=database_url,
-               MESSAGING_DATABASE_URL=database_url, REDIS_URL=redis_url, RATE_LIMITS="off",
-               PAYMENT_VERIFIER="sandbox", PYTHONPATH=str(ROOT))
+    database_url, redis_url = bench_urls(DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL)
+    env = service_env(database_url, redis_url)
     logdir = Path(tempfile.mkdtemp(prefix="orderdesk-bench-messaging-"))
     orders = Server("orders", "services.orders.wsgi:app", env, logdir, "/healthz")
     messaging = Server("messaging", "services.messaging.wsgi:app",
@@ -128,21 +122,8 @@ def main(argv=None) -> int:
     servers = [orders, messaging]
     errors = Errors()
 
-    def on_term(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, on_term)
-
-    failed = True
-    try:
-        load_before = loadavg()
-        log(f"machine: {machine()}; load average {load_before}")
-        log(f"database {database_url}, redis {redis_url}; server logs in {logdir}")
-        fresh_database(database_url, env)
-        flush_redis(redis_url)
-        for server in servers:
-            server.start()
-        for server in servers:
-            server.wait_ready()
+    def body(load_before: str) -> bool:
+        start(*servers)
 
         seeder = Seeder(orders.port)
         order_ids = seeder.orders(2 + conns, threads=2)  # paid and delivered: messaging is open
@@ -175,8 +156,8 @@ def main(argv=None) -> int:
                 round_medians[name].append(statistics.median(taken) if taken else 0.0)
             log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {v[-1]:.2f} ms" for n, v in round_medians.items()))
 
-        body = b'{"content": "A benchmark message from the buyer."}'
-        posts = [http_request("POST", f"/api/orders/{oid}/messages", port, buyer, body) for oid in post_orders]
+        message = b'{"content": "A benchmark message from the buyer."}'
+        posts = [http_request("POST", f"/api/orders/{oid}/messages", port, buyer, message) for oid in post_orders]
         measure(port, posts, conns, min(1.0, duration), errors)  # warm-up
         post_rates = []
         for r in range(rounds):
@@ -186,30 +167,9 @@ def main(argv=None) -> int:
 
         load = f"{load_before} before, {loadavg()} after (other processes share the CPUs)"
         report(samples, round_medians, post_rates, rounds, per_round, duration, conns, args.quick, errors, load)
-        failed = errors.count > 0
-        return 1 if failed else 0
-    except SetupError as exc:
-        log(f"bench: {exc}")
-        return 2
-    except KeyboardInterrupt:
-        log("bench: interrupted")
-        failed = False
-        return 130
-    except Exception:
-        import traceback
-        traceback.print_exc()
-        return 2
-    finally:
-        for server in reversed(servers):
-            server.stop()
-        try:
-            flush_redis(redis_url)  # the order.message events, which no webhooks worker consumes here
-        except SetupError:
-            pass
-        if failed:
-            log(f"server logs kept in {logdir}")
-        else:
-            shutil.rmtree(logdir, ignore_errors=True)
+        return errors.count > 0
+
+    return run_bench(body, env=env, procs=servers, logdir=logdir)
 
 
 def report(samples, round_medians, post_rates, rounds, per_round, duration, conns, quick, errors, load) -> None:
@@ -243,12 +203,7 @@ def report(samples, round_medians, post_rates, rounds, per_round, duration, conn
     print(f"{'posts (buyer, with the order.message event)':<{width}}  {statistics.median(post_rates):>9.0f}/s  "
           f"rounds {' '.join(f'{v:.0f}' for v in post_rates)}")
     print()
-    if errors.count:
-        print(f"ERRORS: {errors.count} request(s) failed, e.g.:")
-        for sample in errors.samples:
-            print(f"  {sample}")
-    else:
-        print("errors: none")
+    errors.print(" request(s) failed")
 
 
 if __name__ == "__main__":

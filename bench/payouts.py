@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import math
 import os
-import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -34,14 +31,13 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import noop_worker  # noqa: E402  (the baseline's queue, task and list names)
-from bench.api import (Api, Errors, Proc, Seeder, SetupError, flush_redis, free_port, fresh_database, loadavg, log,  # noqa: E402
-                       machine, vacuum_analyze)
+from bench.api import (Api, Errors, Proc, Reader, Seeder, SetupError, bench_urls, free_port, loadavg, log,  # noqa: E402
+                       machine, pct, run_bench, service_env, start, vacuum_analyze)
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/orderdesk_bench_payouts"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"  # not bench/api.py's 15: both may run at once
@@ -96,22 +92,7 @@ def describe(procs: list[Proc]) -> str:
 
 # --- storage -------------------------------------------------------------------------------
 
-def plain(url: str) -> str:
-    """A libpq URL (no SQLAlchemy driver suffix) for psycopg."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme.split("+")[0], *parts[1:]))
-
-
-class Tables:
-    """The bench's own autocommit connection, reading what the services wrote."""
-
-    def __init__(self, url: str):
-        import psycopg
-        self.conn = psycopg.connect(plain(url), autocommit=True)
-
-    def close(self) -> None:
-        self.conn.close()
-
+class Tables(Reader):
     def payout(self, order_id: str) -> tuple[str | None, object, bool]:
         """(status, sent_at, reported to the orders service) of the order's payout; None before it exists."""
         row = self.conn.execute(
@@ -328,12 +309,6 @@ def drain(seeder: Seeder, tables: Tables, ids: list[str], threads: int, errors: 
 
 # --- the run ---------------------------------------------------------------------------------
 
-def pct(values: list[float], p: float) -> float:
-    """The nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run (figures not meaningful)")
@@ -350,41 +325,25 @@ def main(argv=None) -> int:
     warm_trips = 10 if args.quick else 50
     poll = args.poll_ms / 1000
 
-    database_url = os.environ.get("BENCH_DATABASE_URL", DEFAULT_DATABASE_URL)
-    redis_url = os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL)
+    database_url, redis_url = bench_urls(DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in CLEARED}
-    env.update(DATABASE_URL=database_url, ORDERS_DATABASE_URL=database_url, PAYOUTS_DATABASE_URL=database_url,
-               MESSAGING_DATABASE_URL=database_url, REDIS_URL=redis_url, ORDERS_URL=f"http://127.0.0.1:{port}",
-               RATE_LIMITS="off", LOG_LEVEL=os.environ.get("LOG_LEVEL", "WARNING"), PAYMENT_VERIFIER="sandbox",
-               PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env = service_env(database_url, redis_url, CLEARED, ORDERS_URL=f"http://127.0.0.1:{port}",
+                      LOG_LEVEL=os.environ.get("LOG_LEVEL", "WARNING"), PYTHONUNBUFFERED="1")
     logdir = Path(tempfile.mkdtemp(prefix="orderdesk-bench-payouts-"))
     procs = processes(env, logdir, port)
     errors = Errors()
-    tables: Tables | None = None
-    bare: Bare | None = None
-
-    def on_term(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, on_term)
+    opened: list = []  # run_bench closes them before it stops the processes
 
     def alive() -> None:
         for p in procs:
             p.check()
 
-    failed = True
-    try:
-        load_before = loadavg()
-        log(f"machine: {machine()}; load average {load_before}")
-        log(f"database {database_url}, redis {redis_url}; logs in {logdir}")
-        fresh_database(database_url, env)
-        flush_redis(redis_url)
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.wait_ready()
+    def body(load_before: str) -> bool:
+        start(*procs)
         tables = Tables(database_url)
+        opened.append(tables)
         bare = Bare(redis_url, env)
+        opened.append(bare)
         if bare.trip(timeout=60, alive=alive) is None:  # the first one waits for the worker to start
             raise SetupError(f"the no-op worker ran nothing in 60 s; see {procs[-1].log}")
 
@@ -414,36 +373,9 @@ def main(argv=None) -> int:
 
         load = f"{load_before} before, {load_mid} after the latency phase, {loadavg()} after (shared machine)"
         report(args, procs, samples, trips, timeline, drained_result, errors, load, poll)
-        failed = errors.count > 0
-        return 1 if failed else 0
-    except SetupError as exc:
-        log(f"bench: {exc}")
-        return 2
-    except KeyboardInterrupt:
-        log("bench: interrupted")
-        failed = False
-        return 130
-    except Exception:
-        import traceback
-        traceback.print_exc()
-        return 2
-    finally:
-        for closing in (tables, bare):
-            if closing is not None:
-                try:
-                    closing.close()
-                except Exception:
-                    pass
-        for p in reversed(procs):
-            p.stop()
-        try:
-            flush_redis(redis_url)  # among others the webhooks queue's messages, which no worker consumes
-        except SetupError:
-            pass
-        if failed:
-            log(f"process logs kept in {logdir}")
-        else:
-            shutil.rmtree(logdir, ignore_errors=True)
+        return errors.count > 0
+
+    return run_bench(body, env=env, procs=procs, logdir=logdir, closing=opened)
 
 
 def report(args, procs, samples: list[Sample], trips: list[float], timeline: dict, drained: dict | None,
@@ -513,12 +445,7 @@ def report(args, procs, samples: list[Sample], trips: list[float], timeline: dic
         print(f"  last payout seen sent after {drained['seconds']:.1f} s{by_sent_at_text}: {rate:.1f} payouts/s "
               f"({drained['sent']}/{drained['orders']} sent)")
         print()
-    if errors.count:
-        print(f"ERRORS: {errors.count}, e.g.:")
-        for sample in errors.samples:
-            print(f"  {sample}")
-    else:
-        print("errors: none")
+    errors.print()
 
 
 if __name__ == "__main__":

@@ -36,9 +36,6 @@ import argparse
 import http.client
 import itertools
 import json
-import os
-import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -48,8 +45,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.api import (GUNICORN, Api, Conn, Errors, Seeder, Server, SetupError, flush_redis, fresh_database,  # noqa: E402
-                       http_request, loadavg, log, machine, measure, vacuum_analyze)
+from bench.api import (GUNICORN, Api, Conn, Errors, Seeder, Server, SetupError, bench_urls, http_request,  # noqa: E402
+                       loadavg, log, machine, measure, run_bench, service_env, start, vacuum_analyze)
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/orderdesk_bench_quota"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"
@@ -68,16 +65,8 @@ class WorkspaceSeeder(Seeder):
             "price_usd": "25.00", "quota_limit": quota})
 
     def one(self, _i=None) -> str:
-        api, buyer = self.api, self.buyer
-        oid = api.call("POST", "/api/orders", buyer,
-                       {"service_id": self.service["id"], "brief": "Bench workspace."})["id"]
-        if not self.payment:  # the same for every order of this service and buyer
-            self.payment.update(api.call("GET", f"/api/orders/{oid}/payment", buyer))
-        pay = self.payment
-        tx = api.call("POST", "/api/sandbox/transfers", body={
-            "from_wallet": self.wallet.address, "to": pay["destination"], "amount_usd": pay["amount_usd"],
-            "asset": pay["asset"], "chain": pay["chain"]})["tx_hash"]
-        order = api.call("PATCH", f"/api/orders/{oid}", buyer, {"action": "pay", "escrow_tx_hash": tx})
+        oid = self.create(brief="Bench workspace.")
+        order = self.pay(oid)
         if order["status"] != "in_progress" or not order["workspace"]:
             raise SetupError(f"seeding: order {oid} is {order['status']} with no open workspace")
         return oid
@@ -157,29 +146,14 @@ def main(argv=None) -> int:
     bursts = args.bursts or (2 if args.quick else 20)
     conns = args.connections
 
-    database_url = os.environ.get("BENCH_DATABASE_URL", DEFAULT_DATABASE_URL)
-    redis_url = os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL)
-    env = dict(os.environ, DATABASE_URL=database_url, ORDERS_DATABASE_URL=database_url, REDIS_URL=redis_url,
-               RATE_LIMITS="off", PAYMENT_VERIFIER="sandbox", PYTHONPATH=str(ROOT))
+    database_url, redis_url = bench_urls(DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL)
+    env = service_env(database_url, redis_url)
     logdir = Path(tempfile.mkdtemp(prefix="orderdesk-bench-quota-"))
     servers = [Server(f"orders-{k}", "services.orders.wsgi:app", env, logdir, "/healthz") for k in (1, 2)]
     errors = Errors()
 
-    def on_term(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, on_term)
-
-    failed = True
-    try:
-        load_before = loadavg()
-        log(f"machine: {machine()}; load average {load_before}")
-        log(f"database {database_url}, redis {redis_url}; server logs in {logdir}")
-        fresh_database(database_url, env)
-        flush_redis(redis_url)
-        for server in servers:
-            server.start()
-        for server in servers:
-            server.wait_ready()
+    def body(load_before: str) -> bool:
+        start(*servers)
         port = servers[0].port
 
         unlimited = WorkspaceSeeder(port, quota=0)
@@ -213,30 +187,9 @@ def main(argv=None) -> int:
 
         load = f"{load_before} before, {loadavg()} after (other processes share the CPUs)"
         bad = report(rates, checks, rounds, duration, conns, args, load, errors)
-        failed = bad or errors.count > 0
-        return 1 if failed else 0
-    except SetupError as exc:
-        log(f"bench: {exc}")
-        return 2
-    except KeyboardInterrupt:
-        log("bench: interrupted")
-        failed = False
-        return 130
-    except Exception:
-        import traceback
-        traceback.print_exc()
-        return 2
-    finally:
-        for server in reversed(servers):
-            server.stop()
-        try:
-            flush_redis(redis_url)  # the generation.created messages, which no workspaces worker consumes here
-        except SetupError:
-            pass
-        if failed:
-            log(f"server logs kept in {logdir}")
-        else:
-            shutil.rmtree(logdir, ignore_errors=True)
+        return bad or errors.count > 0
+
+    return run_bench(body, env=env, procs=servers, logdir=logdir)
 
 
 def report(rates, checks, rounds, duration, conns, args, load, errors) -> bool:
@@ -283,12 +236,7 @@ def report(rates, checks, rounds, duration, conns, args, load, errors) -> bool:
     print(f"over-issued units: {over_total}{' (must be 0)' if over_total else ''}; under-issued: {under_total}; "
           f"read-back disagreeing with the answers: {disagreements} round(s)")
     print()
-    if errors.count:
-        print(f"ERRORS: {errors.count} request(s) failed, e.g.:")
-        for sample in errors.samples:
-            print(f"  {sample}")
-    else:
-        print("errors: none")
+    errors.print(" request(s) failed")
     return over_total > 0 or disagreements > 0
 
 

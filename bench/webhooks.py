@@ -46,26 +46,23 @@ import datetime as dt
 import hashlib
 import http.client
 import json
-import math
 import os
-import shutil
-import signal
 import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
-from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.api import (Api, Errors, Proc, Seeder, SetupError, flush_redis, free_port, fresh_database,  # noqa: E402
-                       loadavg, log, machine, measure)
+from bench.api import (Api, Errors, Proc, Reader, Seeder, SetupError, bench_urls, free_port, loadavg, log,  # noqa: E402
+                       machine, measure, pct, run_bench, service_env, start)
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/orderdesk_bench_webhooks"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/10"
@@ -152,7 +149,7 @@ class Receipts:
             conn.close()
         self.all += [Receipt(*r) for r in records if r[1] != BASELINE_DELIVERY]
 
-    def wait_for(self, expected: dict[str, str], procs: list[Proc], what: str) -> list[Receipt]:
+    def wait_for(self, expected: dict[str, str], procs: Iterable[Proc], what: str) -> list[Receipt]:
         """Poll until every expected event has been received, or none has for STALL_SECONDS;
         returns the receipts of the expected events (repeats included)."""
         started = last_change = time.monotonic()
@@ -193,17 +190,7 @@ def processes(env: dict, logdir: Path, orders_port: int, receiver_port: int) -> 
     }
 
 
-class Tables:
-    """The bench's own autocommit connection, reading what the services wrote."""
-
-    def __init__(self, url: str):
-        import psycopg
-        parts = urlsplit(url)
-        self.conn = psycopg.connect(urlunsplit((parts.scheme.split("+")[0], *parts[1:])), autocommit=True)
-
-    def close(self) -> None:
-        self.conn.close()
-
+class Tables(Reader):
     def events(self, order_ids: list[str]) -> dict[str, str]:
         """Every order event of these orders, id -> event: what their agents must receive."""
         return dict(self.conn.execute("SELECT id, event FROM outbox_events WHERE order_id = ANY(%s) "
@@ -253,7 +240,6 @@ def steady(seeder: HookedSeeder, port: int, orders: int, rate: float) -> dict[tu
     """Orders walked through create, pay, deliver and approve, one transition (one event) at a time,
     `rate` transitions a second. Returns when each answered: (order id, event) -> epoch seconds."""
     api = Api(port)  # a connection of its own: the seeder's have been idle longer than gunicorn keeps them
-    buyer, agent = seeder.buyer, seeder.agent
     answered: dict[tuple[str, str], float] = {}
     due = time.monotonic()
 
@@ -264,21 +250,13 @@ def steady(seeder: HookedSeeder, port: int, orders: int, rate: float) -> dict[tu
         time.sleep(max(0.0, due - time.monotonic()))
 
     for _ in range(orders):
-        oid = api.call("POST", "/api/orders", buyer,
-                       {"service_id": seeder.service["id"], "brief": "Bench order."})["id"]
+        oid = seeder.create(api)
         done(oid, "order.created")
-        if not seeder.payment:
-            seeder.payment.update(api.call("GET", f"/api/orders/{oid}/payment", buyer))
-        pay = seeder.payment
-        tx = api.call("POST", "/api/sandbox/transfers", body={
-            "from_wallet": seeder.wallet.address, "to": pay["destination"], "amount_usd": pay["amount_usd"],
-            "asset": pay["asset"], "chain": pay["chain"]})["tx_hash"]
-        api.call("PATCH", f"/api/orders/{oid}", buyer, {"action": "pay", "escrow_tx_hash": tx})
+        seeder.pay(oid, api)
         done(oid, "order.paid")
-        api.call("POST", f"/api/orders/{oid}/deliver", agent, {
-            "deliverables": [{"url": "https://example.com/result", "media_type": "link"}]})
+        seeder.deliver(oid, api)
         done(oid, "order.delivered")
-        api.call("PATCH", f"/api/orders/{oid}", buyer, {"action": "approve"})
+        api.call("PATCH", f"/api/orders/{oid}", seeder.buyer, {"action": "approve"})
         done(oid, "order.completed")
     return answered
 
@@ -319,12 +297,6 @@ class Phase:
         return ((len(times) - 1) / span if span else 0.0), span
 
 
-def pct(values: list[float], p: float) -> float:
-    """The nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run (figures not meaningful)")
@@ -348,40 +320,19 @@ def main(argv=None) -> int:
     n_steady = args.steady or (4 if args.quick else 40)
     duration = args.duration or (1.0 if args.quick else 5.0)
 
-    database_url = os.environ.get("BENCH_DATABASE_URL", DEFAULT_DATABASE_URL)
-    redis_url = os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL)
+    database_url, redis_url = bench_urls(DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL)
     orders_port, receiver_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in CLEARED}
-    env.update(DATABASE_URL=database_url, ORDERS_DATABASE_URL=database_url, PAYOUTS_DATABASE_URL=database_url,
-               MESSAGING_DATABASE_URL=database_url, REDIS_URL=redis_url, RATE_LIMITS="off",
-               LOG_LEVEL=os.environ.get("LOG_LEVEL", "WARNING"), PAYMENT_VERIFIER="sandbox",
-               WEBHOOK_ALLOWED_HOSTS="127.0.0.1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env = service_env(database_url, redis_url, CLEARED, LOG_LEVEL=os.environ.get("LOG_LEVEL", "WARNING"),
+                      WEBHOOK_ALLOWED_HOSTS="127.0.0.1", PYTHONUNBUFFERED="1")
     logdir = Path(tempfile.mkdtemp(prefix="orderdesk-bench-webhooks-"))
     procs = processes(env, logdir, orders_port, receiver_port)
-    running: list[Proc] = []
     errors = Errors()
-    tables: Tables | None = None
+    opened: list = []  # run_bench closes them before it stops the processes
 
-    def on_term(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, on_term)
-
-    def start(*names: str) -> None:
-        for name in names:
-            procs[name].start()
-            running.append(procs[name])
-        for name in names:
-            procs[name].wait_ready()
-
-    failed = True
-    try:
-        load_before = loadavg()
-        log(f"machine: {machine()}; load average {load_before}")
-        log(f"database {database_url}, redis {redis_url}; logs in {logdir}")
-        fresh_database(database_url, env)
-        flush_redis(redis_url)
-        start("receiver", "orders", "worker-default")
+    def body(load_before: str) -> bool:
+        start(procs["receiver"], procs["orders"], procs["worker-default"])
         tables = Tables(database_url)
+        opened.append(tables)
         receipts = Receipts(receiver_port)
         endpoint = f"http://127.0.0.1:{receiver_port}/hooks"
         seeders = [HookedSeeder(orders_port, endpoint) for _ in range(args.agents)]
@@ -391,11 +342,11 @@ def main(argv=None) -> int:
         started = time.monotonic()
         expected = tables.events(all_at_once(seeders, backlog))
         log(f"  {len(expected)} events in {time.monotonic() - started:.0f} s; starting the webhooks worker")
-        start("worker-webhooks")
-        phases.append(Phase("drain", expected, receipts.wait_for(expected, running, "drain")))
+        start(procs["worker-webhooks"])
+        phases.append(Phase("drain", expected, receipts.wait_for(expected, procs.values(), "drain")))
 
-        event, body = tables.sample_body()
-        request = baseline_request(receiver_port, event, body)
+        event, sample = tables.sample_body()
+        request = baseline_request(receiver_port, event, sample)
         log(f"baseline 1/2: {duration:g} s ...")
         measure(receiver_port, [request], args.connections, min(1.0, duration), errors)  # warm-up
         baseline = [measure(receiver_port, [request], args.connections, duration, errors)[0]]
@@ -403,12 +354,12 @@ def main(argv=None) -> int:
         log(f"steady: {n_steady} orders, {4 * n_steady} transitions at {args.rate:g}/s ...")
         answered = steady(seeders[0], orders_port, n_steady, args.rate)
         expected = tables.events(list({oid for oid, _ in answered}))
-        phases.append(Phase("steady", expected, receipts.wait_for(expected, running, "steady")))
+        phases.append(Phase("steady", expected, receipts.wait_for(expected, procs.values(), "steady")))
         recorded = tables.recorded(list(expected))
 
         log(f"burst: {burst} orders for each of {args.agents} agents at once, the worker running ...")
         expected = tables.events(all_at_once(seeders, burst))
-        phases.append(Phase("burst", expected, receipts.wait_for(expected, running, "burst")))
+        phases.append(Phase("burst", expected, receipts.wait_for(expected, procs.values(), "burst")))
 
         log(f"baseline 2/2: {duration:g} s ...")
         baseline.append(measure(receiver_port, [request], args.connections, duration, errors)[0])
@@ -416,33 +367,11 @@ def main(argv=None) -> int:
         statuses = tables.statuses()
 
         load = f"{load_before} before, {loadavg()} after (other processes share the CPUs)"
-        report(args, phases, baseline, answered, recorded, receipts, statuses, body, errors, load, duration)
-        failed = errors.count > 0
-        return 1 if failed else 0
-    except SetupError as exc:
-        log(f"bench: {exc}")
-        return 2
-    except KeyboardInterrupt:
-        log("bench: interrupted")
-        failed = False
-        return 130
-    except Exception:
-        import traceback
-        traceback.print_exc()
-        return 2
-    finally:
-        if tables is not None:
-            tables.close()
-        for p in reversed(running):
-            p.stop()
-        try:
-            flush_redis(redis_url)  # the payouts and media queues' events, which no worker consumes here
-        except SetupError:
-            pass
-        if failed:
-            log(f"process logs kept in {logdir}")
-        else:
-            shutil.rmtree(logdir, ignore_errors=True)
+        report(args, phases, baseline, answered, recorded, receipts, statuses, sample, errors, load, duration)
+        return errors.count > 0
+
+    # in start order, so the webhooks worker (if it started) stops first and the receiver last
+    return run_bench(body, env=env, procs=procs.values(), logdir=logdir, closing=opened)
 
 
 def report(args, phases: list[Phase], baseline: list[float], answered: dict, recorded: dict, receipts: Receipts,
@@ -537,12 +466,7 @@ def report(args, phases: list[Phase], baseline: list[float], answered: dict, rec
         if status != "delivered":
             errors.add(f"{n} webhook deliveries {status}")
     print()
-    if errors.count:
-        print(f"ERRORS: {errors.count}, e.g.:")
-        for sample in errors.samples:
-            print(f"  {sample}")
-    else:
-        print("errors: none")
+    errors.print()
 
 
 if __name__ == "__main__":
