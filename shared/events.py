@@ -6,6 +6,7 @@ A consumer is a Celery task (by name) on its own queue. Consumers may not be run
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 QUEUES = ("default", "media", "payouts", "workspaces", "webhooks")
 
@@ -23,6 +24,22 @@ class Subscription:
     task: str
     queue: str
     events: frozenset
+    # a finer filter on (event, data), so a consumer is not sent what it would only drop
+    when: Callable[[str, dict], bool] | None = None
+
+
+def _buyers_news(event: str, data: dict) -> bool:
+    """A completion or cancellation is the buyer's news when it settles a dispute; a message
+    when the agent wrote it (services/orders/notifications.py says what each one tells)."""
+    if event in ("order.completed", "order.cancelled"):
+        return data.get("action") == "resolve"
+    if event == "order.message":
+        return data.get("sender_type") == "agent"
+    return True
+
+
+def _not_the_agents_own(event: str, data: dict) -> bool:
+    return not (event == "order.message" and data.get("sender_type") == "agent")
 
 
 SUBSCRIPTIONS = (
@@ -37,13 +54,13 @@ SUBSCRIPTIONS = (
     # a workspace's generation requests are dispatched to the agent
     Subscription("workspaces.dispatch", "workspaces", frozenset({"generation.created"})),
     # agents hear about every order event
-    Subscription("webhooks.deliver_event", "webhooks", ORDER_EVENTS),
+    Subscription("webhooks.deliver_event", "webhooks", ORDER_EVENTS, _not_the_agents_own),
     # buyers read what happened on their orders
     Subscription("orders.notify_buyer", "default", frozenset({
         "order.quoted", "order.delivered", "order.completed", "order.cancelled", "order.refund_sent",
-        "order.message"})),
+        "order.message"}), _buyers_news),
 )
 
 
-def consumers(event: str) -> list[Subscription]:
-    return [s for s in SUBSCRIPTIONS if event in s.events]
+def consumers(event: str, data: dict | None = None) -> list[Subscription]:
+    return [s for s in SUBSCRIPTIONS if event in s.events and (s.when is None or s.when(event, data or {}))]

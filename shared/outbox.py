@@ -80,7 +80,7 @@ class Outbox:
 
     def _publish(self, row, producer) -> None:
         message = row.message()
-        for sub in events.consumers(row.event):
+        for sub in events.consumers(row.event, row.data):
             self.celery.send_task(sub.task, args=[message], queue=sub.queue, producer=producer,
                                   task_id=f"{row.id}:{sub.task}", headers={"request_id": row.request_id})
 

@@ -539,20 +539,18 @@ def test_every_message_becomes_an_order_message_event_for_webhooks_and_notificat
     agent, buyer, order = api.order_in("paid")
     sent = chat.say(order["id"], buyer, "Please hurry.")
     answer = chat.say(order["id"], agent, "On it.")
-    events = _events(chat, order["id"])
-    assert [e.event for e in events] == ["order.message"] * 2
-    assert all(e.published_at is not None for e in events)  # relayed right after commit
-    for queue, task in (("webhooks", "webhooks.deliver_event"), ("default", "orders.notify_buyer")):
-        queued = sorted((m for m in _queued(redis_url, queue) if m["event"] == "order.message"),
-                        key=lambda m: m["data"]["created_at"])
-        assert [(m["task"], m["id"]) for m in queued] == [(task, e.id) for e in
-                                                          sorted(events, key=lambda e: e.data["created_at"])]
-    message = next(m for m in _queued(redis_url, "webhooks") if m["data"]["sender_type"] == "client")
-    assert message["order_id"] == order["id"] and message["sequence"] == 0  # the orders service numbers it
-    assert message["data"] == {"order_id": order["id"], "message_id": sent["id"], "sender_type": "client",
-                               "sender_id": buyer.id, "content": "Please hurry.", "created_at": sent["created_at"]}
-    reply = next(m for m in _queued(redis_url, "default") if m["data"]["sender_type"] == "agent")
-    assert reply["data"]["message_id"] == answer["id"] and reply["data"]["sender_id"] == agent.id
+    events = {e.data["sender_type"]: e for e in _events(chat, order["id"])}
+    assert [e.event for e in events.values()] == ["order.message"] * 2
+    assert all(e.published_at is not None for e in events.values())  # relayed right after commit
+    # the buyer's message goes to the agent's webhooks, the agent's to the buyer's notifications
+    [to_agent] = [m for m in _queued(redis_url, "webhooks") if m["event"] == "order.message"]
+    [to_buyer] = [m for m in _queued(redis_url, "default") if m["event"] == "order.message"]
+    assert (to_agent["task"], to_agent["id"]) == ("webhooks.deliver_event", events["client"].id)
+    assert (to_buyer["task"], to_buyer["id"]) == ("orders.notify_buyer", events["agent"].id)
+    assert to_agent["order_id"] == order["id"] and to_agent["sequence"] == 0  # the orders service numbers it
+    assert to_agent["data"] == {"order_id": order["id"], "message_id": sent["id"], "sender_type": "client",
+                                "sender_id": buyer.id, "content": "Please hurry.", "created_at": sent["created_at"]}
+    assert to_buyer["data"]["message_id"] == answer["id"] and to_buyer["data"]["sender_id"] == agent.id
 
 
 def test_an_event_the_after_commit_relay_missed_is_relayed_by_the_sweeper(api, chat, redis_url, monkeypatch):

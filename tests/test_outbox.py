@@ -128,3 +128,17 @@ def test_the_request_id_follows_the_request_into_the_queued_tasks(api, app, redi
     _relay_handed_off(app, redis_url)
     created = [m for m in _queued(redis_url, "webhooks") if _body(m)[0][0]["event"] == "order.created"]
     assert created and created[0]["headers"]["request_id"] == "req-fox-42"
+
+
+def test_each_consumer_is_sent_only_the_events_it_uses():
+    from shared import events
+
+    def tasks(event, **data):
+        return {s.task for s in events.consumers(event, data)}
+    assert tasks("order.completed", action="approve") == {"payouts.settle_order", "webhooks.deliver_event"}
+    assert "orders.notify_buyer" in tasks("order.completed", action="resolve")  # the buyer's dispute, settled
+    assert "orders.notify_buyer" in tasks("order.cancelled", action="resolve")
+    assert tasks("order.message", sender_type="client") == {"webhooks.deliver_event"}
+    assert tasks("order.message", sender_type="agent") == {"orders.notify_buyer"}
+    assert tasks("order.quoted") == {"webhooks.deliver_event", "orders.notify_buyer"}
+    assert tasks("generation.created") == {"workspaces.dispatch"}
