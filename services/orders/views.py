@@ -13,7 +13,7 @@ from marshmallow import ValidationError as MarshmallowValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from shared import errors
+from shared import errors, logs
 from shared.auth import Caller, require_service, sign_session
 from shared.db import isoformat, utcnow
 from shared.ids import looks_like
@@ -410,6 +410,7 @@ def generate(data, order_id):
     caller = _require("buyer", "agent", "admin")
     if not looks_like("order", order_id):
         raise errors.NotFound("No such order.")
+    logs.order_id.set(order_id)  # the access log line names the order, as for every order route
     generation, workspace, order = workspaces.generate(_db(), _rt(), order_id, caller, data["prompt"])
     _db().flush()
     return ok({"generation": present.generation(generation, "buyer", order.status, _rt().links),
