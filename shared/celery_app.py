@@ -17,6 +17,33 @@ class DuplicatingCelery(Celery):
         return super().send_task(*args, **kwargs)
 
 
+def longest_task_seconds(settings: Settings) -> float:
+    """The longest a task may hold its message: a media render's hard limit, a payout attempt
+    (the wallet read, the rail call and the lookup after an unclear answer), a webhook attempt."""
+    return max(settings.media_task_time_limit_seconds, 3 * settings.rail_timeout_seconds + 5,
+               2 * settings.webhook_timeout_seconds + 5)
+
+
+def max_countdown(settings: Settings) -> float:
+    """How far ahead a task may be scheduled. A worker holds a scheduled message unacknowledged
+    until it runs; past the visibility timeout the broker would hand out a second copy."""
+    return settings.broker_visibility_timeout_seconds / 2
+
+
+def transport_options(settings: Settings) -> dict:
+    """Redis redelivers a message its worker never acknowledged (the worker was killed) once it is
+    `BROKER_VISIBILITY_TIMEOUT_SECONDS` old; every worker scans for such messages every few seconds.
+    A task must finish well inside that time, even after waiting behind another as a prefetched
+    message, or a second copy would run beside it."""
+    visibility = settings.broker_visibility_timeout_seconds
+    if visibility < 2 * longest_task_seconds(settings):
+        raise ValueError(f"BROKER_VISIBILITY_TIMEOUT_SECONDS={visibility} must be at least twice the longest task "
+                         f"({longest_task_seconds(settings):g} s: MEDIA_TASK_TIME_LIMIT_SECONDS, "
+                         "RAIL_TIMEOUT_SECONDS, WEBHOOK_TIMEOUT_SECONDS)")
+    return {"visibility_timeout": visibility, "unacked_restore_interval": max(1, min(10, visibility // 10)),
+            "unacked_restore_throttle": 1, "socket_timeout": 5, "socket_connect_timeout": 2}
+
+
 def make_celery(name: str, settings: Settings, include: tuple[str, ...] = ()) -> Celery:
     cls = DuplicatingCelery if settings.fault_duplicate_messages else Celery
     app = cls(name, broker=settings.redis_url, include=list(include))
@@ -30,8 +57,7 @@ def make_celery(name: str, settings: Settings, include: tuple[str, ...] = ()) ->
         worker_prefetch_multiplier=1,
         task_default_queue="default",
         task_queues=[Queue(q) for q in events.QUEUES],
-        # redis redelivers unacked messages after this; longer than any task may run
-        broker_transport_options={"visibility_timeout": 3600, "socket_timeout": 5, "socket_connect_timeout": 2},
+        broker_transport_options=transport_options(settings),
         # a publisher gives up quickly: the outbox row stays unpublished and the sweep retries it
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
                                    "interval_max": 0.5},

@@ -26,6 +26,10 @@ class Settings:
     messaging_database_url: str = ""
     payouts_database_url: str = ""
     redis_url: str = "redis://127.0.0.1:6390/0"
+    # A message a worker took and never acknowledged (the worker was killed) goes back to its
+    # queue after this long; it must outlast the longest task (see the check in celery_app), and no
+    # task is scheduled further ahead than half of it.
+    broker_visibility_timeout_seconds: int = 300
     # Ports of the processes `make run` starts.
     orders_port: int = 5001
     messaging_port: int = 5002

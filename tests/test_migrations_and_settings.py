@@ -47,3 +47,22 @@ def test_the_readme_documents_every_setting():
     readme = (ROOT / "README.md").read_text()
     missing = [f.name.upper() for f in dataclasses.fields(Settings) if f"`{f.name.upper()}`" not in readme]
     assert missing == []
+
+
+def test_the_broker_hands_back_a_killed_workers_message_after_the_visibility_timeout_setting():
+    from shared.celery_app import make_celery
+    conf = make_celery("t", load({"BROKER_VISIBILITY_TIMEOUT_SECONDS": "400"})).conf
+    assert conf.broker_transport_options["visibility_timeout"] == 400
+    assert make_celery("t", load({})).conf.broker_transport_options["visibility_timeout"] == 300
+
+
+@pytest.mark.parametrize("env", [
+    {"BROKER_VISIBILITY_TIMEOUT_SECONDS": "200"},  # the media time limit is 120 s by default
+    {"BROKER_VISIBILITY_TIMEOUT_SECONDS": "30", "MEDIA_TASK_TIME_LIMIT_SECONDS": "10"},  # a payout takes 35 s
+    {"WEBHOOK_TIMEOUT_SECONDS": "200"},
+], ids=["media", "rail", "webhook"])
+def test_a_visibility_timeout_a_task_could_outlast_is_refused_at_startup(env):
+    """A message still being worked on would be handed out a second time."""
+    from shared.celery_app import make_celery
+    with pytest.raises(ValueError, match="BROKER_VISIBILITY_TIMEOUT_SECONDS"):
+        make_celery("t", load(env))

@@ -240,6 +240,24 @@ def test_a_retry_is_not_taken_before_it_is_due(desk):
     assert engine.send(payout_id, now=utcnow() + dt.timedelta(seconds=61)) == "sent"
 
 
+
+def test_a_retry_due_later_than_the_broker_holds_a_message_is_left_to_the_sweep(desk, monkeypatch):
+    """A scheduled message is held unacknowledged until it runs; one held past the broker's
+    visibility timeout would be handed out twice. Such a retry is not scheduled: the sweep sends
+    the payout once it is due."""
+    from services.payouts import tasks
+    queued = []
+    monkeypatch.setattr(tasks.send, "apply_async", lambda args, queue, countdown: queued.append(countdown))
+    tasks._send_later("pay_x", countdown=tasks.settings.broker_visibility_timeout_seconds / 2 + 1)
+    assert queued == []
+    tasks._send_later("pay_x", countdown=5)
+    assert queued == [5]
+    agent, buyer, order, wallet = desk.completed()
+    engine = desk.engine(faults="fail=1", payout_retry_base_seconds=600, payout_retry_max_seconds=600)
+    [payout_id] = desk.take_all(engine, order["id"])
+    assert engine.send(payout_id) == "pending"
+    assert engine.due_ids(utcnow() + dt.timedelta(seconds=601)) == [payout_id]
+
 # --- failures, blocked, admin retry -------------------------------------------------------------------
 
 def test_capped_retries_end_in_failed_visible_to_agent_and_admin_then_an_admin_retry_pays(desk):

@@ -12,7 +12,7 @@ from typing import BinaryIO, Protocol
 from celery.exceptions import MaxRetriesExceededError, SoftTimeLimitExceeded
 
 from shared import logs
-from shared.celery_app import make_celery
+from shared.celery_app import make_celery, max_countdown
 from shared.filetypes import Sniffer
 from shared.internal import InternalClient, InternalError, Unavailable
 from shared.settings import Settings, load
@@ -32,7 +32,7 @@ app.conf.update(
 )
 REPORT_RETRIES = 10
 REPORT_RETRY_BASE_SECONDS = 5
-REPORT_RETRY_MAX_SECONDS = 300  # well under the broker's visibility timeout
+REPORT_RETRY_MAX_SECONDS = 300  # and never more than celery_app.max_countdown
 ERROR_MAX_CHARS = 2000  # what the orders service accepts
 INTERNAL_FAILURE = "The image could not be processed because of an error on our side; please deliver it again."
 
@@ -156,7 +156,8 @@ def process_delivery(self, message: dict) -> None:
     unreported = media().process_delivery(message)
     if unreported:
         again = {**message, "data": {**message["data"], "items": unreported}}
-        countdown = min(REPORT_RETRY_BASE_SECONDS * 2 ** self.request.retries, REPORT_RETRY_MAX_SECONDS)
+        countdown = min(REPORT_RETRY_BASE_SECONDS * 2 ** self.request.retries, REPORT_RETRY_MAX_SECONDS,
+                        max_countdown(settings))
         try:
             raise self.retry(args=[again], countdown=countdown)
         except MaxRetriesExceededError:

@@ -6,7 +6,7 @@ from functools import lru_cache
 
 import redis
 
-from shared.celery_app import make_celery
+from shared.celery_app import make_celery, max_countdown
 from shared.db import Database, utcnow
 from shared.internal import InternalClient, Unavailable
 from shared.settings import load
@@ -32,6 +32,8 @@ def engine() -> Engine:
 
 
 def _send_later(payout_id: str, countdown: float | None = None) -> None:
+    if countdown is not None and countdown > max_countdown(settings):
+        return  # too far ahead for the broker to hold: the sweep sends it when it is due
     try:
         send.apply_async(args=[payout_id], queue=QUEUE, countdown=countdown)
     except Exception:  # the broker is down: the sweep finds the payout due and sends it
