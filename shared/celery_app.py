@@ -1,8 +1,10 @@
 """The Celery app factory every worker uses: JSON only, late acks, no results, named queues."""
 from __future__ import annotations
 
+import redis
 from celery import Celery, signals
 from kombu import Queue
+from sqlalchemy import exc as sa_exc
 
 from shared import events, logs
 from shared.settings import Settings
@@ -28,6 +30,19 @@ def max_countdown(settings: Settings) -> float:
     """How far ahead a task may be scheduled. A worker holds a scheduled message unacknowledged
     until it runs; past the visibility timeout the broker would hand out a second copy."""
     return settings.broker_visibility_timeout_seconds / 2
+
+
+# failures that say nothing about the message: the database or Redis was out of reach, or dropped
+# the connection
+TRANSIENT = (sa_exc.OperationalError, sa_exc.InterfaceError, redis.ConnectionError, redis.TimeoutError)
+
+
+def retried_on_outage(settings: Settings) -> dict:
+    """Task options for a consumer no sweep backs up. A failed task's message is acknowledged and
+    gone, so a transient failure is retried instead: exponential backoff with full jitter, capped
+    at max_countdown, 30 times (about an hour at the default cap); then the task fails and logs."""
+    return {"autoretry_for": TRANSIENT, "retry_backoff": 2, "retry_backoff_max": int(max_countdown(settings)),
+            "retry_jitter": True, "max_retries": 30}
 
 
 def transport_options(settings: Settings) -> dict:

@@ -93,6 +93,32 @@ class Hooks:
         return self.api.ok("GET", f"/api/agents/me/webhook-deliveries{query}", self.agent)["items"]
 
 
+
+def test_an_outage_while_recording_is_retried_rather_than_the_event_lost(hooks_api, receiver, monkeypatch):
+    """A failed task's message is acknowledged and gone, and no sweep looks for events that were
+    never recorded: a database outage while recording is retried (with backoff) instead."""
+    from sqlalchemy.exc import OperationalError
+    from services.orders import webhook_tasks
+    hooks = Hooks(hooks_api, receiver)
+    hooks.order("paid")
+    db, rt = hooks.app.extensions["db"], hooks.app.extensions["orders_runtime"]
+    with db.transaction() as session:
+        message = session.scalars(select(OutboxEvent).where(OutboxEvent.event == "order.paid")).one().message()
+    tries = []
+
+    def down_once(db_, rt_, message_):
+        tries.append(message_["id"])
+        if len(tries) == 1:
+            raise OperationalError("INSERT INTO webhook_deliveries", {}, OSError("server closed the connection"))
+        return handle_event(db_, rt_, message_)
+
+    monkeypatch.setattr(webhook_tasks, "runtime", lambda: (db, rt))
+    monkeypatch.setattr(webhook_tasks, "handle_event", down_once)
+    result = webhook_tasks.deliver_event.apply(args=[message])
+    assert tries == [message["id"]] * 2, result.state
+    assert receiver.events() == ["order.paid"]
+    assert [d["event"] for d in hooks.log()] == ["order.paid"]
+
 # --- endpoints ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("url,why", [
@@ -410,6 +436,31 @@ def _notify_all(app):
     with db.transaction() as session:
         for event in session.scalars(select(OutboxEvent).order_by(OutboxEvent.created_at)):
             notifications.record(session, event.message())
+
+
+def test_an_outage_while_making_a_notification_is_retried_rather_than_the_news_lost(api, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+    from services.orders import tasks
+    agent, service, buyer = api.setup("quote")
+    oid = api.order(buyer, service)["id"]
+    api.ok("POST", f"/api/orders/{oid}/quote", agent, json={"price_usd": "60.00"})
+    db = api.app.extensions["db"]
+    with db.transaction() as session:
+        message = session.scalars(select(OutboxEvent).where(OutboxEvent.event == "order.quoted")).one().message()
+    tries, record = [], notifications.record
+
+    def down_once(session, message_):
+        tries.append(message_["id"])
+        if len(tries) == 1:
+            raise OperationalError("INSERT INTO notifications", {}, OSError("server closed the connection"))
+        return record(session, message_)
+
+    monkeypatch.setattr(tasks, "runtime", lambda: (db, api.app.extensions["orders_runtime"]))
+    monkeypatch.setattr(tasks.notifications, "record", down_once)
+    tasks.notify_buyer.apply(args=[message])
+    monkeypatch.undo()
+    assert len(tries) == 2
+    assert [n["kind"] for n in api.ok("GET", "/api/notifications", buyer)["items"]] == ["quoted"]
 
 
 def test_buyers_are_told_what_happened_on_their_orders(api):

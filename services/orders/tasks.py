@@ -8,7 +8,7 @@ from functools import lru_cache
 import redis
 from sqlalchemy import delete
 
-from shared.celery_app import make_celery
+from shared.celery_app import make_celery, retried_on_outage
 from shared.db import Database, utcnow
 from shared.settings import load
 
@@ -80,7 +80,8 @@ def sweep_timers(db: Database, rt: services.Runtime, now=None) -> int:
     return fired
 
 
-@app.task(name="orders.notify_buyer", acks_late=True)
+# no sweep looks for notifications a lost message left out: outages are retried
+@app.task(name="orders.notify_buyer", acks_late=True, **retried_on_outage(settings))
 def notify_buyer(message: dict) -> bool:
     """An order event the buyer should read about becomes a notification (once per event)."""
     db, _rt = runtime()

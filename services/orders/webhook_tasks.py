@@ -6,16 +6,18 @@ from __future__ import annotations
 import logging
 
 from shared import logs
+from shared.celery_app import retried_on_outage
 from shared.db import Database, utcnow
 
 from . import services, webhooks
-from .tasks import app, runtime
+from .tasks import app, runtime, settings
 
 log = logging.getLogger(__name__)
 ATTEMPT_TASK = "webhooks.attempt"
 
 
-@app.task(name="webhooks.deliver_event", acks_late=True)
+# the sweep retries attempts, not recording: an outage while recording is retried here
+@app.task(name="webhooks.deliver_event", acks_late=True, **retried_on_outage(settings))
 def deliver_event(message: dict) -> str | None:
     logs.order_id.set(message.get("order_id"))
     return handle_event(*runtime(), message)
