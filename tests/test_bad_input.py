@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import secrets
 import string
 from urllib.parse import urlencode
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings as hsettings, strategies as st
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, select, text
 
+from services.orders import notifications, workspaces
+from services.orders.models import Notification, OutboxEvent
 from tests.support.api import ADMIN, ApiClient
 from tests.support.wallets import SolanaWallet
 
@@ -40,6 +43,22 @@ def b64(raw: bytes) -> str:
 # --- the world -----------------------------------------------------------------------------------
 
 class World:
+    # state → (the service ordered, the steps after placing the order, the status it ends in)
+    STATES = {
+        "pending_quote": ("quote",  [],                                 "pending_quote"),
+        "quoted":        ("fixed",  [],                                 "quoted"),
+        "paid":          ("fixed",  ["pay"],                            "paid"),
+        "delivered":     ("fixed",  ["pay", "deliver"],                 "delivered"),
+        "completed":     ("fixed",  ["pay", "deliver", "approve"],      "completed"),
+        "disputed":      ("fixed",  ["pay", "deliver", "dispute"],      "disputed"),
+        # paying a weekly order opens its workspace
+        "workspace":     ("weekly", ["pay"],                            "in_progress"),
+        # ... with a pending generation the agent was told about (what the workspaces worker does)
+        "generation":    ("weekly", ["pay", "generate", "dispatch"],    "in_progress"),
+        # its buyer has an unread notification about it (what the default worker does with the event)
+        "notified":      ("quote",  ["quote", "notify"],                "quoted"),
+    }
+
     def __init__(self, app):
         self.app = app
         self.api = ApiClient(app)
@@ -47,10 +66,12 @@ class World:
         self.agent = self.api.agent("Input Agent")
         self.quote_service = self.api.service(self.agent, "quote")
         self.fixed_service = self.api.service(self.agent, "fixed")
+        self.weekly_service = self.api.service(self.agent, "weekly", quota_limit=50)
         self.buyer = self.api.buyer()
         self.headers = {"buyer": self.buyer.headers, "agent": self.agent.headers, "admin": ADMIN.headers,
                         "anonymous": {}, "service": {"X-Service-Token": self.settings.service_token}}
         self._orders: dict[str, dict] = {}
+        self._ids: dict[str, dict] = {}  # order id → the ids of what a state made on it: gid, nid
 
     def order(self, state: str) -> dict:
         """An order in `state`, reused while no request has changed it."""
@@ -63,18 +84,42 @@ class World:
 
     def fresh_order(self, state: str) -> dict:
         api, buyer, agent = self.api, self.buyer, self.agent
-        order = api.order(buyer, self.quote_service if state == "pending_quote" else self.fixed_service)
+        service, steps, status = self.STATES[state]
+        order = api.order(buyer, {"quote": self.quote_service, "fixed": self.fixed_service,
+                                  "weekly": self.weekly_service}[service])
         oid = order["id"]
-        for step in {"pending_quote": [], "quoted": [], "paid": ["pay"], "delivered": ["pay", "deliver"],
-                     "completed": ["pay", "deliver", "approve"], "disputed": ["pay", "deliver", "dispute"]}[state]:
+        ids = self._ids.setdefault(oid, {})
+        db, rt = self.app.extensions["db"], self.app.extensions["orders_runtime"]
+        for step in steps:
             if step == "pay":
-                order = api.pay(buyer, oid)
+                api.pay(buyer, oid)
             elif step == "deliver":
-                order = api.deliver(agent, oid)
+                api.deliver(agent, oid)
+            elif step == "quote":
+                api.ok("POST", f"/api/orders/{oid}/quote", agent, json={"price_usd": "45.00"})
+            elif step == "generate":
+                ids["gid"] = api.ok("POST", f"/api/orders/{oid}/generate", buyer, json={"prompt": "A fox in the snow."},
+                                    expect=202)["generation"]["id"]
+            elif step == "dispatch":
+                with db.transaction() as session:
+                    assert workspaces.dispatch(session, rt, ids["gid"])
+            elif step == "notify":
+                with db.transaction() as session:
+                    for event in session.scalars(select(OutboxEvent).where(OutboxEvent.order_id == oid)):
+                        notifications.record(session, event.message())
+                    ids["nid"] = session.scalar(select(Notification.id).where(Notification.order_id == oid))
+                assert ids["nid"] is not None
             else:
-                order = api.ok("PATCH", f"/api/orders/{oid}", buyer, json={"action": step})
-        assert order["status"] == state
+                api.ok("PATCH", f"/api/orders/{oid}", buyer, json={"action": step})
+        order = api.ok("GET", f"/api/orders/{oid}", ADMIN)
+        assert order["status"] == status
         return order
+
+    def fill(self, template: str, order: dict | None) -> str:
+        """The path with its {oid}, {gid}, {nid} (of `order`), {aid} and {sid} filled in."""
+        ids = self._ids.get(order["id"], {}) if order else {}
+        return template.format(oid=order["id"] if order else "", aid=self.agent.id, sid=self.fixed_service["id"],
+                               **ids)
 
     def call(self, method, path, caller="anonymous", *, json_body=None, data=None, content_type=None,
              headers=None):
@@ -89,9 +134,14 @@ class World:
         with engine.connect() as conn:
             tables = sorted(t for t in inspect(conn).get_table_names() if t != "alembic_version")
             counts = {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar() for t in tables}
-        snap = {"counts": counts, "agent": self.api.ok("GET", "/api/agents/me", self.agent)}
+        # what row counts miss: the agent's profile, the buyer's notifications being read, the
+        # order, and its generations' answers
+        snap = {"counts": counts, "agent": self.api.ok("GET", "/api/agents/me", self.agent),
+                "notifications": self.api.ok("GET", "/api/notifications?limit=100", self.buyer)}
         if order is not None:
             snap["order"] = self.api.ok("GET", f"/api/orders/{order['id']}", ADMIN)
+            if snap["order"]["workspace"] is not None:
+                snap["generations"] = self.api.ok("GET", f"/api/orders/{order['id']}/generations?limit=100", ADMIN)
         return snap
 
 
@@ -117,7 +167,7 @@ def assert_refused(status, body, statuses, field=None, context=""):
 def run_refused(world, state, method, path, caller, statuses, field=None, context="", **request):
     """Send one bad request; it must be refused properly and leave everything as it was."""
     order = world.order(state) if state else None
-    path = path.format(oid=order["id"] if order else "", aid=world.agent.id, sid=world.fixed_service["id"])
+    path = world.fill(path, order)
     before = world.snapshot(order)
     status, body = world.call(method, path, caller, **request)
     after = world.snapshot(order)
@@ -154,6 +204,11 @@ BODY_ENDPOINTS = {
     "transfer":       ("POST",  "/api/sandbox/transfers",               None,           "anonymous", lambda w, o: {"from_wallet": w.buyer.id, "to": w.settings.treasury_solana, "amount_usd": "45.00", "asset": "USDC", "chain": "solana"}),
     "challenge":      ("POST",  "/api/auth/challenge",                  None,           "anonymous", lambda w, o: {"wallet": SolanaWallet.generate().address, "chain": "solana"}),
     "session":        ("POST",  "/api/auth/session",                    None,           "anonymous", lambda w, o: _session_body(w)),
+    "generate":       ("POST",  "/api/orders/{oid}/generate",           "workspace",    "buyer",     lambda w, o: {"prompt": "A fox in the snow."}),
+    # the one route's two bodies: a result, a failure
+    "answer generation": ("POST", "/api/orders/{oid}/generations/{gid}", "generation",  "agent",     lambda w, o: {"url": "https://example.com/fox", "media_type": "link", "title": "Fox"}),
+    "fail generation": ("POST", "/api/orders/{oid}/generations/{gid}",  "generation",   "agent",     lambda w, o: {"status": "failed", "error": "The model is down."}),
+    "mark notifications read": ("PATCH", "/api/notifications",          "notified",     "buyer",     lambda w, o: {"ids": [w.fill("{nid}", o)]}),
 }
 
 
@@ -161,6 +216,22 @@ def _valid_body(world, name):
     method, path, state, caller, make = BODY_ENDPOINTS[name]
     order = world.order(state) if state else None
     return make(world, order)
+
+
+@pytest.mark.parametrize("endpoint", list(BODY_ENDPOINTS))
+def test_the_valid_bodies_are_accepted_and_seen_by_the_snapshot(world, endpoint):
+    """So every refusal below is about what its case broke, and run_refused's before/after
+    comparison would see the change had a refused request made it (the auth endpoints keep theirs
+    in Redis)."""
+    method, path, state, caller, _ = BODY_ENDPOINTS[endpoint]
+    body = _valid_body(world, endpoint)
+    order = world.order(state) if state else None
+    before = world.snapshot(order)
+    status, resp = world.call(method, world.fill(path, order), caller, json_body=body)
+    world.forget(state)
+    assert 200 <= status < 300 and resp["success"] is True, (endpoint, status, resp)
+    if endpoint not in ("challenge", "session"):
+        assert world.snapshot(order) != before, (endpoint, "the snapshot does not see what this endpoint changes")
 
 
 # --- 1. a malformed body, on every endpoint that takes one ---------------------------------------
@@ -348,6 +419,14 @@ FIELD_CASES = [
     ("session",        "signature empty",                     {"signature": ""},                                          "signature"),
     ("session",        "signature 201 characters",            {"signature": "s" * 201},                                   "signature"),
     ("session",        "nonce missing",                       {"nonce": DROP},                                            "nonce"),
+    ("mark notifications read", "ids empty",                  {"ids": []},                                                "ids"),
+    ("mark notifications read", "101 ids",                    {"ids": [unknown_id("ntf") for _ in range(101)]},           "ids"),
+    ("mark notifications read", "ids a string",               {"ids": "all"},                                             "ids"),
+    ("mark notifications read", "ids null",                   {"ids": None},                                              "ids"),
+    ("mark notifications read", "an id a number",             {"ids": [42]},                                              "ids"),
+    ("mark notifications read", "an id empty",                {"ids": [""]},                                              "ids"),
+    ("mark notifications read", "an id of 33 characters",     {"ids": ["n" * 33]},                                        "ids"),
+    ("mark notifications read", "setting read_at",            {"read_at": "2020-01-01T00:00:00Z"},                        "read_at"),
 ]
 
 # Amounts: every money field refuses anything but a string of at most 2 decimals in (0, 1000000.00].
@@ -424,31 +503,81 @@ QUERY_CASES = [
     ("/api/agents/{aid}/orders?limit=0",                            "agent",   "limit"),
     ("/api/agents/{aid}/orders?cursor=" + b64(b"[1, 2]"),           "agent",   "cursor"),
     ("/api/agents/{aid}/orders?cursor=!!!",                         "agent",   "cursor"),
+    # {oid}: the buyer's own weekly order, with its workspace
+    ("/api/orders/{oid}/generations?limit=0",                       "buyer",   "limit"),
+    ("/api/orders/{oid}/generations?limit=101",                     "buyer",   "limit"),
+    ("/api/orders/{oid}/generations?limit=ten",                     "buyer",   "limit"),
+    ("/api/orders/{oid}/generations?status=in_progress",            "buyer",   "status"),  # an order's, not a generation's
+    ("/api/orders/{oid}/generations?status=pending,nope",           "buyer",   "status"),
+    ("/api/orders/{oid}/generations?status=",                       "buyer",   "status"),
+    ("/api/orders/{oid}/generations?cursor=!!!",                    "buyer",   "cursor"),
+    ("/api/orders/{oid}/generations?cursor=" + b64(b'["yesterday", "gen_x"]'), "buyer", "cursor"),
+    ("/api/agents/{aid}/generations?limit=0",                       "agent",   "limit"),
+    ("/api/agents/{aid}/generations?limit=101",                     "agent",   "limit"),
+    ("/api/agents/{aid}/generations?limit=ten",                     "agent",   "limit"),
+    ("/api/agents/{aid}/generations?status=delivered",              "agent",   "status"),
+    ("/api/agents/{aid}/generations?status=PENDING",                "agent",   "status"),
+    ("/api/agents/{aid}/generations?cursor=!!!",                    "agent",   "cursor"),
+    ("/api/agents/{aid}/generations?cursor=" + b64(b"[1, 2]"),      "admin",   "cursor"),
+    ("/api/agents/me/webhook-deliveries?limit=0",                   "agent",   "limit"),
+    ("/api/agents/me/webhook-deliveries?limit=101",                 "agent",   "limit"),
+    ("/api/agents/me/webhook-deliveries?limit=ten",                 "agent",   "limit"),
+    ("/api/agents/me/webhook-deliveries?status=sent",               "agent",   "status"),
+    ("/api/agents/me/webhook-deliveries?status=,",                  "agent",   "status"),
+    ("/api/agents/me/webhook-deliveries?cursor=!!!",                "agent",   "cursor"),
+    ("/api/agents/me/webhook-deliveries?cursor=" + b64(b'["yesterday", "whd_x"]'), "agent", "cursor"),
+    # the event feed pages by position (`after`), up to 1000 at a time
+    ("/api/agents/me/events?limit=0",                               "agent",   "limit"),
+    ("/api/agents/me/events?limit=1001",                            "agent",   "limit"),
+    ("/api/agents/me/events?limit=ten",                             "agent",   "limit"),
+    ("/api/agents/me/events?after=-1",                              "agent",   "after"),
+    ("/api/agents/me/events?after=ten",                             "agent",   "after"),
+    ("/api/agents/me/events?after=1.5",                             "agent",   "after"),
+    ("/api/agents/me/events?after=",                                "agent",   "after"),
+    ("/api/agents/me/events?after=" + str(2 ** 62 + 1),             "agent",   "after"),
+    ("/api/agents/me/events?after=" + "9" * 400,                    "agent",   "after"),
+    ("/api/notifications?limit=0",                                  "buyer",   "limit"),
+    ("/api/notifications?limit=101",                                "buyer",   "limit"),
+    ("/api/notifications?limit=ten",                                "buyer",   "limit"),
+    ("/api/notifications?cursor=!!!",                               "buyer",   "cursor"),
+    ("/api/notifications?cursor=" + "A" * 201,                      "buyer",   "cursor"),
+    ("/api/notifications?cursor=" + b64(b'["yesterday", "ntf_x"]'), "buyer",  "cursor"),
 ]
 
 
 @pytest.mark.parametrize("path,caller,field", QUERY_CASES, ids=[c[0][:70] for c in QUERY_CASES])
 def test_bad_query_parameters_are_400_naming_the_parameter(world, path, caller, field):
-    run_refused(world, None, "GET", path, caller, 400, field, path)
+    run_refused(world, "workspace" if "{oid}" in path else None, "GET", path, caller, 400, field, path)
 
 
 # --- 4. junk ids in paths → 404 ------------------------------------------------------------------
 
+ANSWER = {"url": "https://example.com/x", "media_type": "link"}
+
 ID_ROUTES = {
-    # route                                   kind  caller      body
-    "GET /api/orders/{id}":                  ("ord", "buyer",   None),
-    "PATCH /api/orders/{id}":                ("ord", "buyer",   {"action": "accept"}),
-    "GET /api/orders/{id}/payment":          ("ord", "buyer",   None),
-    "POST /api/orders/{id}/quote":           ("ord", "agent",   {"price_usd": "10.00"}),
-    "POST /api/orders/{id}/start":           ("ord", "agent",   None),
-    "POST /api/orders/{id}/decline":         ("ord", "agent",   {}),
-    "POST /api/orders/{id}/deliver":         ("ord", "agent",   {"deliverables": [{"url": "https://example.com/x", "media_type": "link"}]}),
-    "POST /api/orders/{id}/review":          ("ord", "buyer",   {"rating": 5}),
-    "POST /api/admin/orders/{id}/resolve":   ("ord", "admin",   {"outcome": "refund", "note": "No."}),
-    "GET /api/services/{id}":                ("svc", "anonymous", None),
-    "GET /api/agents/{id}":                  ("agt", "anonymous", None),
-    "GET /api/agents/{id}/orders":           ("agt", "agent",   None),
-    "GET /internal/orders/{id}":             ("ord", "service", None),
+    # route ({id} is the junk one)                            kind   caller     body                      state of {oid}/{gid}
+    "GET /api/orders/{id}":                                  ("ord", "buyer",   None,                      None),
+    "PATCH /api/orders/{id}":                                ("ord", "buyer",   {"action": "accept"},      None),
+    "GET /api/orders/{id}/payment":                          ("ord", "buyer",   None,                      None),
+    "POST /api/orders/{id}/quote":                           ("ord", "agent",   {"price_usd": "10.00"},    None),
+    "POST /api/orders/{id}/start":                           ("ord", "agent",   None,                      None),
+    "POST /api/orders/{id}/decline":                         ("ord", "agent",   {},                        None),
+    "POST /api/orders/{id}/deliver":                         ("ord", "agent",   {"deliverables": [ANSWER]}, None),
+    "POST /api/orders/{id}/review":                          ("ord", "buyer",   {"rating": 5},             None),
+    "POST /api/orders/{id}/generate":                        ("ord", "buyer",   {"prompt": "A fox."},      None),
+    "GET /api/orders/{id}/generations":                      ("ord", "buyer",   None,                      None),
+    # a real, pending generation under a junk order; a junk generation on the agent's real order
+    "POST /api/orders/{id}/generations/{gid}":               ("ord", "agent",   ANSWER,                    "generation"),
+    "POST /api/orders/{oid}/generations/{id}":               ("gen", "agent",   ANSWER,                    "generation"),
+    "POST /api/orders/{id}/renew":                           ("ord", "buyer",   None,                      None),
+    "POST /api/admin/orders/{id}/resolve":                   ("ord", "admin",   {"outcome": "refund", "note": "No."}, None),
+    "POST /api/admin/payouts/{id}/retry":                    ("pay", "admin",   None,                      None),
+    "GET /api/services/{id}":                                ("svc", "anonymous", None,                    None),
+    "GET /api/agents/{id}":                                  ("agt", "anonymous", None,                    None),
+    "GET /api/agents/{id}/orders":                           ("agt", "agent",   None,                      None),
+    "GET /api/agents/{id}/generations":                      ("agt", "agent",   None,                      None),
+    "POST /api/agents/me/webhook-deliveries/{id}/redeliver": ("whd", "agent",   None,                      None),
+    "GET /internal/orders/{id}":                             ("ord", "service", None,                      None),
 }
 
 JUNK_IDS = {
@@ -471,15 +600,16 @@ ID_CASES = [(r, j) for r in ID_ROUTES for j in JUNK_IDS]
 @pytest.mark.parametrize("route,junk", ID_CASES, ids=[f"{r} | {j}" for r, j in ID_CASES])
 def test_junk_ids_are_404(world, route, junk):
     method, template = route.split()
-    kind, caller, body = ID_ROUTES[route]
-    path = template.replace("{id}", JUNK_IDS[junk](kind))
-    run_refused(world, None, method, path, caller, 404, None, f"{route}: {junk}", json_body=body)
+    kind, caller, body, state = ID_ROUTES[route]
+    path = template.replace("{id}", JUNK_IDS[junk](kind))  # run_refused fills in the real {oid}, {gid}
+    run_refused(world, state, method, path, caller, 404, None, f"{route}: {junk}", json_body=body)
 
 
 @pytest.mark.parametrize("junk", list(JUNK_IDS))
-def test_an_admin_polling_a_junk_agent_id_gets_404_or_nothing(world, junk):
-    """Admins may poll any agent; a junk id must not be a 5xx nor return anybody's orders."""
-    status, body = world.call("GET", f"/api/agents/{JUNK_IDS[junk]('agt')}/orders", "admin")
+@pytest.mark.parametrize("listing", ["orders", "generations"])
+def test_an_admin_polling_a_junk_agent_id_gets_404_or_nothing(world, listing, junk):
+    """Admins may poll any agent; a junk id must not be a 5xx nor return anybody's orders or generations."""
+    status, body = world.call("GET", f"/api/agents/{JUNK_IDS[junk]('agt')}/{listing}", "admin")
     assert status < 500, (status, body)
     if status == 200:
         assert body["data"]["items"] == [], body
@@ -571,6 +701,9 @@ TEXT_FIELDS = [
     ("create service", "title",       "Logo{}"),
     ("update agent",   "name",        "Agent{}"),
     ("register agent", "name",        "Agent{}"),
+    ("generate",       "prompt",      "A fox in the snow{}."),
+    ("answer generation", "title",    "Fox{}"),
+    ("fail generation", "error",      "The model is down{}."),
 ]
 STRANGE = {"lone surrogate": "\ud800", "NUL": "\x00"}
 TEXT_CASES = [(e, f, v, s) for e, f, v in TEXT_FIELDS for s in STRANGE]
@@ -587,7 +720,7 @@ def test_unstorable_characters_are_refused_or_stored_never_5xx(world, endpoint, 
     body = {**_valid_body(world, endpoint), field: value}
     raw = json.dumps(body)  # ensure_ascii: the escapes go over the wire as \\ud800 / \\u0000
     before = world.snapshot(order)
-    status, resp = world.call(method, path.format(oid=order["id"] if order else ""), caller,
+    status, resp = world.call(method, world.fill(path, order), caller,
                               data=raw, content_type="application/json")
     if status < 400:
         world.forget(state)
@@ -731,3 +864,59 @@ def _check_envelope(status, resp, context):
         assert set(resp) == ENVELOPE_KEYS and resp["success"] is False, (context, status, resp)
         assert isinstance(resp["code"], str) and isinstance(resp["error"], str), (context, resp)
         assert isinstance(resp["details"], dict), (context, resp)
+
+
+# --- 8. no route forgotten -----------------------------------------------------------------------
+
+# POST and PATCH routes that take no JSON body: nothing in one to be malformed (their junk ids are
+# in ID_ROUTES; what each does is tested with its feature).
+NO_BODY = [
+    "POST /api/orders/{id}/start",                            # the agent starts work
+    "POST /api/orders/{id}/renew",                            # the next period, on the service's terms
+    "POST /api/agents/me/webhook-secret/rotate",              # the server makes the secret
+    "POST /api/agents/me/webhook-deliveries/{id}/redeliver",
+    "POST /api/admin/payouts/{id}/retry",
+    "POST /api/uploads",                                      # multipart, not JSON: tests/test_uploads.py
+]
+# Routes with a path parameter whose bad values are tested elsewhere.
+ID_EXEMPT = [
+    # signed links: the signature is checked before the id, so a junk id is a 403 (tests/test_uploads.py)
+    "GET /api/files/{item_id}/{variant}",
+]
+
+
+def _shape(method: str, path: str) -> tuple[str, tuple[str, ...]]:
+    """A route with its parameters' names erased: `{oid}`, `{id}` and `<order_id>` are alike."""
+    return method, tuple("{}" if re.fullmatch(r"\{\w*\}|<[\w:]+>", part) else part for part in path.split("/"))
+
+
+def _junk_positions(path: str) -> list[int]:
+    return [i for i, part in enumerate(path.split("/")) if part == "{id}"]
+
+
+def test_every_route_taking_input_has_its_bad_input_cases(world):
+    """A new endpoint cannot be forgotten: every /api route taking a body is in BODY_ENDPOINTS (or
+    NO_BODY), every path parameter of every /api route gets junk in ID_ROUTES (or is in ID_EXEMPT),
+    and those lists name no route that is gone (a junk id on a route that no longer exists is a 404
+    too, so such a case would pass while testing nothing)."""
+    routes = [(method, rule.rule) for rule in world.app.url_map.iter_rules()
+              for method in sorted(rule.methods - {"HEAD", "OPTIONS"})]
+    with_body = {_shape(m, p) for m, p, *_ in BODY_ENDPOINTS.values()} | {_shape(*r.split()) for r in NO_BODY}
+    junk = {(_shape(*r.split()), i) for r in ID_ROUTES for i in _junk_positions(r.split()[1])}
+    exempt = {_shape(*r.split()) for r in ID_EXEMPT}
+    missing = []
+    for method, rule in routes:
+        if not rule.startswith("/api/") or rule == "/api/openapi.json":
+            continue
+        shape = _shape(method, rule)
+        if method in ("POST", "PATCH") and shape not in with_body:
+            missing.append(f"{method} {rule}: add it to BODY_ENDPOINTS (or to NO_BODY if it takes no body)")
+        for i, part in enumerate(rule.split("/")):
+            if part.startswith("<") and shape not in exempt and (shape, i) not in junk:
+                missing.append(f"{method} {rule}: add a junk {part} to ID_ROUTES")
+    assert not missing, "routes whose bad input is not tested:\n" + "\n".join(missing)
+
+    existing = {_shape(m, r) for m, r in routes}
+    listed = [f"{m} {p}" for m, p, *_ in BODY_ENDPOINTS.values()] + NO_BODY + ID_EXEMPT + list(ID_ROUTES)
+    gone = sorted({r for r in listed if _shape(*r.split()) not in existing})
+    assert not gone, f"listed here, but no such route: {gone}"
