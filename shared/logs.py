@@ -60,6 +60,10 @@ class JsonFormatter(logging.Formatter):
 
 def configure(service: str, level: str = "INFO") -> None:
     logging.Formatter.converter = time.gmtime
+    # what JsonFormatter never writes, logging need not collect for every record (the logging
+    # docs' "Optimization" knobs): the caller's file and line, and thread and process details
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
