@@ -28,7 +28,7 @@ class Subscription:
     when: Callable[[str, dict], bool] | None = None
 
 
-def _buyers_news(event: str, data: dict) -> bool:
+def buyers_news(event: str, data: dict) -> bool:
     """A completion or cancellation is the buyer's news when it settles a dispute; a message
     when the agent wrote it (services/orders/notifications.py says what each one tells)."""
     if event in ("order.completed", "order.cancelled"):
@@ -38,7 +38,8 @@ def _buyers_news(event: str, data: dict) -> bool:
     return True
 
 
-def _not_the_agents_own(event: str, data: dict) -> bool:
+def agents_news(event: str, data: dict) -> bool:
+    """Every order event, except the agent's own messages coming back to it."""
     return not (event == "order.message" and data.get("sender_type") == "agent")
 
 
@@ -54,11 +55,11 @@ SUBSCRIPTIONS = (
     # a workspace's generation requests are dispatched to the agent
     Subscription("workspaces.dispatch", "workspaces", frozenset({"generation.created"})),
     # agents hear about every order event
-    Subscription("webhooks.deliver_event", "webhooks", ORDER_EVENTS, _not_the_agents_own),
+    Subscription("webhooks.deliver_event", "webhooks", ORDER_EVENTS, agents_news),
     # buyers read what happened on their orders
     Subscription("orders.notify_buyer", "default", frozenset({
         "order.quoted", "order.delivered", "order.completed", "order.cancelled", "order.refund_sent",
-        "order.message"}), _buyers_news),
+        "order.message"}), buyers_news),
 )
 
 

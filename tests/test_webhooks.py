@@ -18,7 +18,7 @@ from services.orders import notifications, webhooks
 from services.orders.models import Agent, OutboxEvent, WebhookDelivery
 from services.orders.webhook_tasks import attempt_now, handle_event
 from shared import netguard
-from tests.support.api import ADMIN, ApiClient
+from tests.support.api import ADMIN, ApiClient, Party
 from tests.support.receiver import Receiver
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,13 +48,15 @@ def hooks_api(make_app):
 
 
 class Hooks:
-    """An agent with an endpoint at the receiver, its buyer, and the worker's steps."""
+    """An agent with an endpoint (the receiver's, unless another or none is given), its buyer,
+    and the worker's steps."""
 
-    def __init__(self, api, receiver):
+    def __init__(self, api, receiver=None, endpoint_url: str | None = None):
         self.api, self.receiver = api, receiver
-        created = api.ok("POST", "/api/agents", json={"name": "Hooked", "endpoint_url": receiver.url})
-        self.agent_data, self.secret = created["agent"], created["webhook_secret"]
-        from tests.support.api import Party
+        endpoint_url = endpoint_url or (receiver.url if receiver else None)
+        created = api.ok("POST", "/api/agents", json={"name": "Hooked", **(
+            {"endpoint_url": endpoint_url} if endpoint_url else {})})
+        self.agent_data, self.secret = created["agent"], created.get("webhook_secret")
         self.agent = Party(created["api_key"], created["agent"]["id"])
         self.buyer = api.buyer()
         self.service = api.service(self.agent, "fixed")
@@ -247,12 +249,7 @@ def test_retries_stop_when_the_window_closes(make_app):
 def test_a_receiver_down_for_a_while_gets_every_event_once_it_is_back(hooks_api):
     from tests.support.net import free_port
     port = free_port()
-    agent = hooks_api.ok("POST", "/api/agents", json={"name": "Down", "endpoint_url": f"http://127.0.0.1:{port}/hooks"})
-    hooks = Hooks.__new__(Hooks)
-    hooks.api, hooks.receiver = hooks_api, None
-    from tests.support.api import Party
-    hooks.agent = Party(agent["api_key"], agent["agent"]["id"])
-    hooks.buyer, hooks.service = hooks_api.buyer(), hooks_api.service(hooks.agent, "fixed")
+    hooks = Hooks(hooks_api, endpoint_url=f"http://127.0.0.1:{port}/hooks")  # nothing listens there yet
     oid = hooks.order("delivered")
     hooks.pump(rounds=3)
     log = hooks.log()
@@ -282,6 +279,29 @@ def test_an_endpoint_that_now_resolves_to_a_private_address_is_refused_at_delive
         assert session.get(Agent, hooks.agent.id).endpoint_url == receiver.url
 
 
+def test_an_attempt_that_outlived_its_lease_does_not_overwrite_the_next_ones_outcome(hooks_api, receiver):
+    """A worker stalled past its lease; the sweep handed the delivery to another, which delivered
+    it. When the stalled attempt finally fails, the delivery stays delivered."""
+    hooks = Hooks(hooks_api, receiver)
+    hooks.api.order(hooks.buyer, hooks.service)
+    db, settings = hooks.app.extensions["db"], hooks.app.config["SETTINGS"]
+    with db.transaction() as session:
+        message = session.scalars(select(OutboxEvent)).one().message()
+        stalled = webhooks.record(session, settings, message)  # attempt 1, leased
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=2 * settings.webhook_timeout_seconds + 6)
+    with db.transaction() as session:
+        assert webhooks.claim(session, settings, stalled.id, later - dt.timedelta(seconds=2)) is None  # still leased
+        second = webhooks.claim(session, settings, stalled.id, later)
+    assert second.attempt == 2
+    delivered, lost = webhooks.Outcome(True, False, 200, None), webhooks.Outcome(False, True, None, "timed out")
+    with db.transaction() as session:
+        assert webhooks.finish(session, settings, second, delivered, later) == "delivered"
+    with db.transaction() as session:
+        assert webhooks.finish(session, settings, stalled, lost, later) == "delivered"
+    [delivery] = hooks.log()
+    assert (delivery["status"], delivery["attempts"], delivery["last_status_code"]) == ("delivered", 2, 200)
+
+
 def test_a_repeated_message_records_and_sends_once(hooks_api, receiver):
     hooks = Hooks(hooks_api, receiver)
     hooks.api.order(hooks.buyer, hooks.service)
@@ -292,13 +312,12 @@ def test_a_repeated_message_records_and_sends_once(hooks_api, receiver):
 
 
 def test_an_agent_without_an_endpoint_still_has_its_feed(api):
-    agent, buyer, order = api.order_in("paid")
-    hooks = Hooks.__new__(Hooks)
-    hooks.api = api
+    hooks = Hooks(api)  # no endpoint
+    hooks.order("paid")
     hooks.pump()
-    feed = api.ok("GET", "/api/agents/me/events", agent)["items"]
+    feed = api.ok("GET", "/api/agents/me/events", hooks.agent)["items"]
     assert [e["event"] for e in feed] == ["order.created", "order.paid"]
-    assert {d["status"] for d in api.ok("GET", "/api/agents/me/webhook-deliveries", agent)["items"]} == {"no_endpoint"}
+    assert {d["status"] for d in hooks.log()} == {"no_endpoint"}
 
 
 # --- rotation ----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from shared import events
 from shared.db import isoformat, utcnow
 from shared.ids import new_id
 from shared.money import format_usd
@@ -18,21 +19,23 @@ PREVIEW = 200  # characters of a message shown in its notification
 
 
 def kind_and_text(event: str, data: dict, order: Order) -> tuple[str, str] | None:
-    """What the buyer is told about this event, or None if it is not the buyer's news."""
-    action = data.get("action")
+    """What the buyer is told about this event, or None if it is not the buyer's news
+    (events.buyers_news says which completions, cancellations and messages are)."""
+    if not events.buyers_news(event, data):
+        return None
     if event == "order.quoted":
         return "quoted", f"The agent quoted {format_usd(order.quoted_price_cents)} USDC for your order."
     if event == "order.delivered":
-        if action == "close_workspace":
+        if data.get("action") == "close_workspace":
             return "workspace_closed", (f"Your workspace closed: {data.get('generations', 0)} generation(s) are "
                                         "the delivery. Review it, approve it or ask for a revision.")
         return "delivered", "The agent delivered your order. Review it, approve it or ask for a revision."
-    if event in ("order.completed", "order.cancelled") and action == "resolve":
+    if event in ("order.completed", "order.cancelled"):
         return "dispute_resolved", (f"Your dispute was resolved: {format_usd(order.settled_agent_cents or 0)} USDC "
                                     f"to the agent, {format_usd(order.settled_buyer_cents or 0)} USDC back to you.")
     if event == "order.refund_sent":
         return "refund_sent", f"Your refund of {data.get('amount_usd')} USDC was sent."
-    if event == "order.message" and data.get("sender_type") == "agent":
+    if event == "order.message":
         content = data.get("content") or ""
         return "message", "The agent wrote: " + (content if len(content) <= PREVIEW else content[:PREVIEW - 1] + "…")
     return None

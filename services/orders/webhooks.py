@@ -20,11 +20,11 @@ import socket
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared import errors, netguard
+from shared import errors, events, netguard
 from shared.auth import new_webhook_secret
 from shared.db import isoformat, utcnow
 from shared.ids import new_id
@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 USER_AGENT = "OrderDesk-Webhooks/1"
 SIGNATURE_TOLERANCE_SECONDS = 300  # what docs/webhooks.md tells receivers to accept
 RESPONSE_PREVIEW = 500  # characters of a failed response kept for the agent to read
-# the agent's own messages are not sent back to it
-SKIP = {"order.message": lambda data: data.get("sender_type") == "agent"}
 
 
 # --- endpoints and secrets -------------------------------------------------------------------------
@@ -97,8 +95,7 @@ def record(session: Session, settings: Settings, message: dict, now: dt.datetime
     first attempt, already claimed, when the agent has an endpoint, else None."""
     data = message.get("data") or {}
     order_id = message.get("order_id")
-    skip = SKIP.get(message["event"])
-    if order_id is None or (skip and skip(data)):
+    if order_id is None or not events.agents_news(message["event"], data):
         return None
     agent_id = data.get("agent_id") or session.scalar(select(Order.agent_id).where(Order.id == order_id))
     if agent_id is None:
@@ -224,18 +221,28 @@ def post(claim: Claim, settings: Settings, resolve=socket.getaddrinfo) -> Outcom
 
 
 def finish(session: Session, settings: Settings, claim: Claim, outcome: Outcome, now: dt.datetime) -> str:
-    """Record an attempt's outcome; returns the delivery's status."""
-    row = session.get(WebhookDelivery, claim.id)
-    row.last_status_code, row.last_error = outcome.status_code, outcome.error
+    """Record an attempt's outcome, in one statement; returns the delivery's status. Only the
+    latest attempt records: one that outlived its lease (its worker stalled) while the sweep
+    handed out the next leaves the row to that one."""
+    values = {"last_status_code": outcome.status_code, "last_error": outcome.error}
     if outcome.delivered:
-        row.status, row.delivered_at, row.next_attempt_at = "delivered", now, None
-    else:
+        values.update(status="delivered", delivered_at=now, next_attempt_at=None)
+    elif outcome.retry:  # again after the backoff, if that is still inside the retry window
         retry_at = now + dt.timedelta(seconds=backoff(claim.attempt, settings))
-        if outcome.retry and retry_at <= row.retry_until:
-            row.status, row.next_attempt_at = "pending", retry_at
-        else:
-            row.status, row.next_attempt_at = "failed", None
-    return row.status
+        in_window = WebhookDelivery.retry_until >= retry_at
+        values.update(status=case((in_window, "pending"), else_="failed"),
+                      next_attempt_at=case((in_window, retry_at), else_=None))
+    else:
+        values.update(status="failed", next_attempt_at=None)
+    status = session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == claim.id, WebhookDelivery.attempts == claim.attempt,
+               WebhookDelivery.status == "pending")
+        .values(**values).returning(WebhookDelivery.status),
+        execution_options={"synchronize_session": False}).scalar()
+    if status is None:
+        return session.scalar(select(WebhookDelivery.status).where(WebhookDelivery.id == claim.id))
+    return status
 
 
 def backoff(attempt: int, settings: Settings) -> float:
