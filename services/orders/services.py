@@ -18,7 +18,7 @@ from shared.outbox import Outbox
 from shared.settings import Settings
 from shared.storage import LocalStorage, make_storage
 
-from . import cache
+from . import cache, webhooks
 from . import statemachine as sm
 from .models import (Agent, Delivery, DeliveryItem, Generation, Order, OutboxEvent, Revision, Review, Service,
                      Settlement, TimelineEntry, Timer, Upload, Workspace)
@@ -54,7 +54,9 @@ def build_runtime(settings: Settings, db, celery_app, cache_client) -> tuple[Run
 
 # --- agents and services ---------------------------------------------------------------------
 
-def register_agent(session: Session, data: dict) -> tuple[Agent, str, str | None]:
+def register_agent(session: Session, rt: Runtime, data: dict) -> tuple[Agent, str, str | None]:
+    if data.get("endpoint_url"):
+        webhooks.validate_endpoint(data["endpoint_url"], rt.settings)
     api_key = new_api_key()
     secret = new_webhook_secret() if data.get("endpoint_url") else None
     agent = Agent(id=new_id("agent"), name=data["name"].strip(), api_key_hash=hash_secret(api_key),
@@ -66,6 +68,8 @@ def register_agent(session: Session, data: dict) -> tuple[Agent, str, str | None
 
 def update_agent(session: Session, rt: Runtime, agent: Agent, data: dict) -> str | None:
     """Apply a profile change; returns a new webhook secret when an endpoint is first set."""
+    if data.get("endpoint_url"):
+        webhooks.validate_endpoint(data["endpoint_url"], rt.settings)
     secret = None
     if data.get("payout_wallet") and (data["payout_wallet"], data.get("payout_chain")) != (
             agent.payout_wallet, agent.payout_chain):
@@ -306,18 +310,22 @@ def _deliver(session, rt, order, caller, params, now):
     uploads = _uploads_for(session, order.agent_id, params["deliverables"])
     delivery = _new_delivery(session, rt, order, now)
     for position, spec in enumerate(params["deliverables"]):
-        item = DeliveryItem(id=new_id("item"), position=position, media_type=spec["media_type"],
-                            title=spec.get("title"), url=spec.get("url"),
-                            # image previews are rendered by the media worker; until then the buyer waits
-                            preview_status="pending" if spec["media_type"] == "image" else None)
-        upload = uploads.get(position)
-        if upload is not None:
-            item.upload_id, item.storage_key = upload.id, upload.storage_key
-            item.content_type, item.size, item.sha256 = upload.content_type, upload.size, upload.sha256
-            upload.item_id = item.id
-        delivery.items.append(item)
+        delivery.items.append(new_item(spec, position, uploads.get(position)))
     # what the media worker needs: where each item's bytes are
     params["_event"] = {"delivery_id": delivery.id, "items": [_media_item(i) for i in delivery.items]}
+
+
+def new_item(spec: dict, position: int, upload: Upload | None) -> DeliveryItem:
+    """A deliverable (a delivery's, or a generation's result): a URL, or an upload it now uses."""
+    item = DeliveryItem(id=new_id("item"), position=position, media_type=spec["media_type"],
+                        title=spec.get("title"), url=spec.get("url"),
+                        # image previews are rendered by the media worker; until then the buyer waits
+                        preview_status="pending" if spec["media_type"] == "image" else None)
+    if upload is not None:
+        item.upload_id, item.storage_key = upload.id, upload.storage_key
+        item.content_type, item.size, item.sha256 = upload.content_type, upload.size, upload.sha256
+        upload.item_id = item.id
+    return item
 
 
 def _media_item(item: DeliveryItem) -> dict:

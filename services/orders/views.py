@@ -162,9 +162,7 @@ def session(data):
 @agents_bp.arguments(s.AgentIn)
 @agents_bp.response(201, s.envelope_of(s.AgentCreatedOut))
 def register_agent(data):
-    if data.get("endpoint_url"):
-        webhooks.validate_endpoint(data["endpoint_url"], _rt().settings)
-    agent, api_key, secret = services.register_agent(_db(), data)
+    agent, api_key, secret = services.register_agent(_db(), _rt(), data)
     _db().flush()
     body = {"agent": present.agent(agent, private=True), "api_key": api_key}
     if secret:
@@ -177,8 +175,6 @@ def register_agent(data):
 @agents_bp.response(200, s.envelope_of(s.AgentOut))
 def update_me(data):
     caller = _require("agent")
-    if data.get("endpoint_url"):
-        webhooks.validate_endpoint(data["endpoint_url"], _rt().settings)
     agent = _db().get(Agent, caller.id)
     secret = services.update_agent(_db(), _rt(), agent, data)
     _db().flush()

@@ -21,9 +21,9 @@ from shared.db import isoformat, utcnow
 from shared.ids import new_id
 
 from . import cache
-from .models import DeliveryItem, Generation, Order, Service, Workspace
+from .models import Generation, Order, Service, Workspace
 from .services import (WORKSPACE_TYPES, Runtime, _emit, _media_item, _uploads_for, act, get_order, keyset_page,
-                       party_of, place_order)
+                       new_item, party_of, place_order)
 
 STATUSES = ("pending", "completed", "failed", "timed_out", "expired")
 # a generation the workspaces worker has not dispatched this long after it was asked for (its
@@ -105,14 +105,7 @@ def answer(session: Session, rt: Runtime, order: Order, caller: Caller, generati
         generation.status, generation.error = "failed", data["error"]
         _release(order.workspace, units=1)
     else:
-        upload = _uploads_for(session, order.agent_id, [data]).get(0)
-        item = DeliveryItem(id=new_id("item"), position=0, media_type=data["media_type"], title=data.get("title"),
-                            url=data.get("url"),
-                            preview_status="pending" if data["media_type"] == "image" else None)
-        if upload is not None:
-            item.upload_id, item.storage_key = upload.id, upload.storage_key
-            item.content_type, item.size, item.sha256 = upload.content_type, upload.size, upload.sha256
-            upload.item_id = item.id
+        item = new_item(data, 0, _uploads_for(session, order.agent_id, [data]).get(0))
         session.add(item)
         generation.item, generation.status = item, "completed"
         order.workspace.generations_pending = Workspace.generations_pending - 1
