@@ -258,6 +258,68 @@ def test_a_retry_due_later_than_the_broker_holds_a_message_is_left_to_the_sweep(
     assert engine.send(payout_id) == "pending"
     assert engine.due_ids(utcnow() + dt.timedelta(seconds=601)) == [payout_id]
 
+
+# --- the first attempt, claimed with the settlement ---------------------------------------------------
+
+def _take_and_claim(desk, engine, order_id):
+    """What the settle task does with the order's events: settle, and claim what it can."""
+    due = []
+    for message in desk.messages(order_id):
+        if message["event"] in ("order.paid", "order.completed", "order.cancelled"):
+            due += engine.take_and_claim(message)
+    return due
+
+
+def test_the_completion_carries_the_agents_wallet_so_the_first_attempt_needs_no_lookup(desk, monkeypatch):
+    agent, buyer, order, wallet = desk.completed("45.00")
+    engine = desk.engine()
+    looked_up = []
+    monkeypatch.setattr(engine.orders, "get", lambda path, params=None: looked_up.append(path))
+    [attempt] = _take_and_claim(desk, engine, order["id"])
+    assert (attempt.destination, attempt.amount_cents) == (wallet, 4050)
+    [payout] = desk.payouts(order["id"])
+    assert (payout.status, payout.attempts, payout.destination) == ("pending", 1, wallet)  # claimed: leased
+    assert engine.send(payout.id) == "pending"  # a duplicate wake-up now: taken, nothing happens
+    assert engine.transfer(attempt) == "sent"
+    assert looked_up == []
+    [transfer] = desk.rail_transfers(payout.id)
+    assert (transfer.to_address, transfer.amount_cents) == (wallet, 4050)
+    assert desk.balance(ledger.agent_wallet(agent.id)) == 4050 and desk.balance(ledger.escrow(order["id"])) == 0
+    assert _take_and_claim(desk, engine, order["id"]) == []  # the same messages again: nothing new
+
+
+def test_a_refund_is_claimed_with_the_settlement_to_the_buyers_wallet(desk):
+    agent, wallet = desk.paid_agent()
+    service = desk.api.service(agent, "fixed", price_usd="30.00")
+    buyer = desk.api.buyer()
+    order = desk.api.walk(agent, buyer, desk.api.order(buyer, service), "paid")
+    desk.api.ok("PATCH", f"/api/orders/{order['id']}", buyer, json={"action": "cancel"})
+    engine = desk.engine()
+    [attempt] = _take_and_claim(desk, engine, order["id"])
+    assert (attempt.destination, attempt.amount_cents) == (buyer.id, 3000)
+    assert engine.transfer(attempt) == "sent"
+    assert [t.to_address for t in desk.rail_transfers(attempt.payout_id)] == [buyer.id]
+
+
+def test_without_a_wallet_at_completion_the_payout_waits_for_one_as_before(desk):
+    agent, buyer, order, _ = desk.completed(wallet=False)
+    engine = desk.engine()
+    [payout_id] = _take_and_claim(desk, engine, order["id"])  # nothing to claim: by id
+    assert engine.send(payout_id) == "blocked"
+    assert desk.rail_transfers(payout_id) == []
+
+
+def test_a_worker_killed_between_the_claim_and_the_rail_call_pays_once_after_the_lease(desk):
+    agent, buyer, order, wallet = desk.completed()
+    engine = desk.engine()
+    [attempt] = _take_and_claim(desk, engine, order["id"])  # claimed, then the worker died
+    after_lease = utcnow() + dt.timedelta(seconds=2 * desk.settings.rail_timeout_seconds + 6)
+    assert engine.due_ids(utcnow()) == [] and engine.due_ids(after_lease) == [attempt.payout_id]
+    assert engine.send(attempt.payout_id, now=after_lease) == "sent"
+    assert engine.transfer(attempt) == "sent"  # the dead worker's attempt, had it run after all
+    assert len(desk.rail_transfers(attempt.payout_id)) == 1
+    assert desk.balance(ledger.agent_wallet(agent.id)) == desk.payouts(order["id"])[0].amount_cents
+
 # --- failures, blocked, admin retry -------------------------------------------------------------------
 
 def test_capped_retries_end_in_failed_visible_to_agent_and_admin_then_an_admin_retry_pays(desk):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from shared import errors, logs
 from shared.auth import Caller, hash_secret, new_api_key, new_webhook_secret
@@ -216,7 +217,7 @@ def act(session: Session, rt: Runtime, order: Order, action: str, caller: Caller
     event = row.event
     if action == "resolve":
         event = "order.completed" if target == "completed" else "order.cancelled"
-    data = {"action": action, "from": source, "to": target, **_settlement(order, target, rt.settings, now),
+    data = {"action": action, "from": source, "to": target, **_settlement(session, order, target, rt.settings, now),
             **params.pop("_event", {})}
     if action == "pay":  # the payouts worker funds the order's escrow from this
         data["held_usd"] = format_usd(order.quoted_price_cents)
@@ -401,9 +402,10 @@ EFFECTS = {"quote": _quote, "pay": _pay, "deliver": _deliver, "revision": _revis
            "close_workspace": _close_workspace}
 
 
-def _settlement(order: Order, target: str, settings: Settings, now: dt.datetime) -> dict:
+def _settlement(session: Session, order: Order, target: str, settings: Settings, now: dt.datetime) -> dict:
     """Settle a paid order that reached its end: record the payout and/or refund due (pending until
-    the payouts worker reports) and return what the event asks the payouts worker to move."""
+    the payouts worker reports) and return what the event asks the payouts worker to move. The
+    agent's payout wallet as of now goes with it, for the payouts worker's first attempt."""
     if target not in sm.TERMINAL or order.paid_at is None:
         return {}
     if order.settled_agent_cents is None:  # not resolved by an admin: all to one side
@@ -412,26 +414,34 @@ def _settlement(order: Order, target: str, settings: Settings, now: dt.datetime)
         else:
             order.settled_agent_cents, order.settled_buyer_cents = 0, order.quoted_price_cents
     order.settled_at = now
+    rows, wallet = [], None
     if order.settled_agent_cents:
         fee = fee_cents(order.settled_agent_cents, settings.platform_fee_bps)
-        order.settlements.append(Settlement(id=new_id("payout"), order_id=order.id, kind="payout", status="pending",
-                                            amount_cents=order.settled_agent_cents - fee, fee_cents=fee,
-                                            version=0, updated_at=now))
+        rows.append(Settlement(id=new_id("payout"), order_id=order.id, kind="payout", status="pending",
+                               amount_cents=order.settled_agent_cents - fee, fee_cents=fee, version=0, updated_at=now))
+        with session.no_autoflush:  # the order's changes flush later, in one UPDATE
+            wallet = session.execute(select(Agent.payout_wallet, Agent.payout_chain)
+                                     .where(Agent.id == order.agent_id)).one()
     if order.settled_buyer_cents:
-        order.settlements.append(Settlement(id=new_id("payout"), order_id=order.id, kind="refund", status="pending",
-                                            amount_cents=order.settled_buyer_cents, fee_cents=0,
-                                            version=0, updated_at=now))
-    return settlement_of(order)
+        rows.append(Settlement(id=new_id("payout"), order_id=order.id, kind="refund", status="pending",
+                               amount_cents=order.settled_buyer_cents, fee_cents=0, version=0, updated_at=now))
+    # an order settles once: it had none, so these are all (and the collection needs no query)
+    session.add_all(rows)
+    set_committed_value(order, "settlements", rows)
+    return settlement_of(order, wallet)
 
 
-def settlement_of(order: Order) -> dict:
-    """The money a settled order moves, as the payouts worker reads it (event and catch-up alike)."""
+def settlement_of(order: Order, wallet: tuple[str | None, str | None] | None = None) -> dict:
+    """The money a settled order moves, as the payouts worker reads it (event and catch-up alike);
+    with the agent's payout `wallet` (address, chain) when it is known as of the settlement."""
     out = {"held_usd": format_usd(order.quoted_price_cents)}
     for row in order.settlements:
         if row.kind == "payout":
             out["payout_due"] = {"id": row.id, "agent_id": order.agent_id,
                                  "gross_usd": format_usd(row.amount_cents + row.fee_cents),
                                  "fee_usd": format_usd(row.fee_cents), "amount_usd": format_usd(row.amount_cents)}
+            if wallet is not None:
+                out["payout_due"]["wallet"], out["payout_due"]["chain"] = wallet
         else:
             out["refund_due"] = {"id": row.id, "wallet": order.client_wallet, "chain": order.client_chain,
                                  "amount_usd": format_usd(row.amount_cents)}

@@ -33,6 +33,17 @@ def lease_seconds(settings: Settings) -> float:
     return 2 * settings.rail_timeout_seconds + 5
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """A claimed attempt at a payout: what the rail call needs, and the rail call's row."""
+    payout_id: str
+    call_id: int
+    key: str
+    destination: str
+    amount_cents: int
+    chain: str | None
+
+
 @dataclass
 class Engine:
     settings: Settings
@@ -44,6 +55,27 @@ class Engine:
 
     def take_event(self, message: dict) -> list[str]:
         """Take one order event (idempotent by event id); returns the payouts now due to send."""
+        return [p.id for p in self._take(message, lambda session, payouts, now: payouts)]
+
+    def take_and_claim(self, message: dict) -> list[Attempt | str]:
+        """take_event, with the first attempt of each new payout whose destination the event
+        names (a refund's buyer wallet; the agent's payout wallet as of the completion) claimed in
+        the same transaction, so it goes to the rail with no wallet lookup and no second
+        transaction first. A payout without one (the agent had no wallet) comes back by id, for
+        send() to look the wallet up."""
+        def claim_new(session, payouts, now):
+            due = (self.event_wallet(message, p) for p in payouts)
+            return [self._claim(session, p, *where, now) if where[0] else p.id for p, where in zip(payouts, due)]
+        return self._take(message, claim_new)
+
+    @staticmethod
+    def event_wallet(message: dict, payout: Payout) -> tuple[str | None, str | None]:
+        if payout.kind == "refund":
+            return payout.destination, payout.chain
+        due = (message.get("data") or {}).get("payout_due") or {}
+        return due.get("wallet"), due.get("chain")
+
+    def _take(self, message: dict, then):
         data = message.get("data") or {}
         with self.db.transaction() as session:
             if session.get(ProcessedEvent, message["id"]) is not None:
@@ -56,7 +88,7 @@ class Engine:
             if message["event"] == "order.paid":
                 fund(session, data["order_id"], data["client_wallet"], parse_usd(data["held_usd"]))
                 return []
-            return settle(session, data)
+            return then(session, settle(session, data), utcnow())
 
     def catch_up(self, grace_seconds: float = 30.0, overlap_seconds: float = 120.0, page: int = 500,
                  now: dt.datetime | None = None) -> int:
@@ -124,23 +156,32 @@ class Engine:
                 if payout.status != "blocked":
                     _change(payout, now, status="blocked", last_error="The agent has no payout wallet yet.")
                 return "blocked"
-            payout.destination, payout.chain = destination, chain
-            payout.attempts += 1
-            payout.status = "pending"
-            payout.next_attempt_at = now + dt.timedelta(seconds=lease_seconds(self.settings))
-            call = RailCall(payout_id=payout.id, idempotency_key=payout.rail_key, attempt=payout.attempts,
-                            outcome="started", started_at=now)
-            session.add(call)
-            session.flush()
-            call_id, key, amount = call.id, payout.rail_key, payout.amount_cents
+            attempt = self._claim(session, payout, destination, chain, now)
+        return self.transfer(attempt)
 
+    def _claim(self, session: Session, payout: Payout, destination: str, chain: str | None,
+               now: dt.datetime) -> Attempt:
+        """Take the next attempt of a payout (locked, or new in this transaction): it is leased to
+        this worker, and its rail call is on record before it is made."""
+        payout.destination, payout.chain = destination, chain
+        payout.attempts += 1
+        payout.status = "pending"
+        payout.next_attempt_at = now + dt.timedelta(seconds=lease_seconds(self.settings))
+        call = RailCall(payout_id=payout.id, idempotency_key=payout.rail_key, attempt=payout.attempts,
+                        outcome="started", started_at=now)
+        session.add(call)
+        session.flush()
+        return Attempt(payout.id, call.id, payout.rail_key, destination, payout.amount_cents, chain)
+
+    def transfer(self, attempt: Attempt) -> str:
+        """Make a claimed attempt's rail call (outside any transaction) and record how it went."""
         outcome, transfer, error = "sent", None, None
         try:
-            transfer = self.rail.send(key, destination, amount, chain)
+            transfer = self.rail.send(attempt.key, attempt.destination, attempt.amount_cents, attempt.chain)
         except RailAmbiguous as exc:
             error = str(exc)
             try:
-                transfer = self.rail.lookup(key)
+                transfer = self.rail.lookup(attempt.key)
                 outcome = "found" if transfer else "ambiguous"
             except RailError as lookup_exc:
                 outcome, error = "ambiguous", f"{exc}; asking the rail failed: {lookup_exc}"
@@ -148,7 +189,7 @@ class Engine:
             outcome, error = "rejected", str(exc)
         except RailUnavailable as exc:
             outcome, error = "failed", str(exc)
-        return self._finish(payout_id, call_id, outcome, transfer, error)
+        return self._finish(attempt.payout_id, attempt.call_id, outcome, transfer, error)
 
     def _finish(self, payout_id: str, call_id: int, outcome: str, transfer, error: str | None) -> str:
         now = utcnow()
@@ -282,9 +323,9 @@ def fund(session: Session, order_id: str, wallet: str, held_cents: int) -> None:
                 {ledger.buyer_wallet(wallet): -held_cents, ledger.escrow(order_id): held_cents})
 
 
-def settle(session: Session, data: dict) -> list[str]:
+def settle(session: Session, data: dict) -> list[Payout]:
     """Empty the order's escrow into what is owed (agent, platform fee, buyer) and create the
-    payout rows, once per order. Returns the ids of payouts created now."""
+    payout rows, once per order. Returns the payouts created now."""
     order_id, wallet = data["order_id"], data["client_wallet"]
     held = parse_usd(data["held_usd"])
     fund(session, order_id, wallet, held)  # the paid event may still be on its way
@@ -313,7 +354,7 @@ def settle(session: Session, data: dict) -> list[str]:
                 session.add(payout)
     except IntegrityError:  # settled concurrently by a duplicate message
         return []
-    return [p.id for p in payouts]
+    return payouts
 
 
 def record_sent(session: Session, payout: Payout, tx_ref: str, now: dt.datetime) -> None:

@@ -11,7 +11,7 @@ from shared.db import Database, utcnow
 from shared.internal import InternalClient, Unavailable
 from shared.settings import load
 
-from .engine import Engine
+from .engine import Attempt, Engine
 from .models import Payout
 from .rails import make_rail
 
@@ -45,10 +45,13 @@ def settle_order(message: dict) -> list[str]:
     """An order event: fund the escrow (paid), or settle the order (completed, cancelled) and
     send what it owes right here, without another trip through the queue."""
     e = engine()
-    due = e.take_event(message)
-    for payout_id in due:
-        attempt(e, payout_id)
-    return due
+    due = e.take_and_claim(message)
+    for item in due:
+        if isinstance(item, Attempt):  # claimed with the settlement: straight to the rail
+            followed_up(e, item.payout_id, e.transfer(item))
+        else:
+            attempt(e, item)
+    return [item.payout_id if isinstance(item, Attempt) else item for item in due]
 
 
 @app.task(name="payouts.send", acks_late=True)
@@ -58,7 +61,10 @@ def send(payout_id: str) -> str:
 
 def attempt(e: Engine, payout_id: str) -> str:
     """One attempt at a payout, its report to the orders service, and a wake-up for the retry."""
-    status = e.send(payout_id)
+    return followed_up(e, payout_id, e.send(payout_id))
+
+
+def followed_up(e: Engine, payout_id: str, status: str) -> str:
     e.report(payout_id)
     if status == "pending":  # a retry is scheduled: wake up when it is due
         with e.db.transaction() as session:
