@@ -59,8 +59,9 @@ def test_completion_event_reaches_the_payouts_queue_with_the_payout_due(api, app
     event = payouts[1]
     assert event["order_id"] == order["id"]
     payout_id = api.ok("GET", f"/api/orders/{order['id']}", agent)["payout"]["id"]
+    # with the agent's payout wallet as of the completion (this agent has not set one)
     assert event["data"]["payout_due"] == {"id": payout_id, "agent_id": agent.id, "gross_usd": "45.00",
-                                           "fee_usd": "4.50", "amount_usd": "40.50"}
+                                           "fee_usd": "4.50", "amount_usd": "40.50", "wallet": None, "chain": None}
     # every order event is also queued for the agent's webhooks
     assert len([m for m in _queued(redis_url, "webhooks")]) == 4
 
