@@ -142,7 +142,7 @@ MARK_LABELS = {
     "published": "relay published it to `payouts` (default worker)",
     "settle_started": "payouts.settle_order started",
     "payout_created": "payout row created (settle's ledger entry)",
-    "send_started": "payouts.send started (rail_calls.started_at)",
+    "send_started": "first attempt claimed (rail_calls.started_at)",
     "transfer_recorded": "sandbox rail recorded the transfer (orders)",
     "rail_answered": "rail answer taken (rail_calls.finished_at)",
     "sent": "payout sent (payouts.sent_at, before commit)",
