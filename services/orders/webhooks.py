@@ -20,13 +20,13 @@ import socket
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import case, select, update
+from sqlalchemy import case, literal, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared import errors, events, netguard
 from shared.auth import new_webhook_secret
-from shared.db import isoformat, utcnow
+from shared.db import UTCDateTime, isoformat, utcnow
 from shared.ids import new_id
 from shared.settings import Settings
 
@@ -230,8 +230,9 @@ def finish(session: Session, settings: Settings, claim: Claim, outcome: Outcome,
     elif outcome.retry:  # again after the backoff, if that is still inside the retry window
         retry_at = now + dt.timedelta(seconds=backoff(claim.attempt, settings))
         in_window = WebhookDelivery.retry_until >= retry_at
+        # (the time bound as the column's type, so SQLite stores it the way it stores the others)
         values.update(status=case((in_window, "pending"), else_="failed"),
-                      next_attempt_at=case((in_window, retry_at), else_=None))
+                      next_attempt_at=case((in_window, literal(retry_at, UTCDateTime())), else_=None))
     else:
         values.update(status="failed", next_attempt_at=None)
     status = session.execute(
