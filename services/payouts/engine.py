@@ -195,9 +195,8 @@ class Engine:
         now = utcnow()
         with self.db.transaction() as session:
             payout = _locked(session, self.db, payout_id)
-            call = session.get(RailCall, call_id)
-            call.outcome, call.error, call.finished_at = outcome, error, now
-            call.tx_ref = transfer.tx_ref if transfer else None
+            session.execute(update(RailCall).where(RailCall.id == call_id).values(
+                outcome=outcome, error=error, finished_at=now, tx_ref=transfer.tx_ref if transfer else None))
             if payout.status == "sent":
                 return "sent"
             if transfer is not None:
@@ -358,10 +357,11 @@ def settle(session: Session, data: dict) -> list[Payout]:
 
 
 def record_sent(session: Session, payout: Payout, tx_ref: str, now: dt.datetime) -> None:
+    """`payout` is locked and not yet sent: its `sent:` posting is recorded only with that status."""
     owed = ledger.agent_payable(payout.agent_id) if payout.kind == "payout" else ledger.buyer_refunds(payout.destination)
     paid = ledger.agent_wallet(payout.agent_id) if payout.kind == "payout" else ledger.buyer_wallet(payout.destination)
     ledger.post(session, f"sent:{payout.id}", payout.order_id, "sent",
-                {owed: -payout.amount_cents, paid: payout.amount_cents})
+                {owed: -payout.amount_cents, paid: payout.amount_cents}, new=True)
     _change(payout, now, status="sent", tx_ref=tx_ref, sent_at=now, next_attempt_at=None, last_error=None)
 
 

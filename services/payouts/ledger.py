@@ -45,17 +45,23 @@ def exists(session: Session, key: str) -> bool:
     return session.scalar(select(LedgerTransaction.id).where(LedgerTransaction.key == key)) is not None
 
 
-def post(session: Session, key: str, order_id: str, kind: str, entries: dict[str, int]) -> bool:
-    """Record a balanced transaction once: False if `key` is already recorded (by anyone)."""
+def post(session: Session, key: str, order_id: str, kind: str, entries: dict[str, int], new: bool = False) -> bool:
+    """Record a balanced transaction once: False if `key` is already recorded (by anyone). With
+    `new`, the caller holds the lock that makes a second recording of `key` impossible, so it
+    is added without asking first (the unique key still guards it)."""
     entries = {account: cents for account, cents in entries.items() if cents}
     if sum(entries.values()) != 0:
         raise ValueError(f"ledger transaction {key} does not balance: {entries}")
+    transaction = LedgerTransaction(key=key, order_id=order_id, kind=kind, created_at=utcnow(),
+                                    entries=[LedgerEntry(account=a, amount_cents=c) for a, c in entries.items()])
+    if new:
+        session.add(transaction)
+        return True
     if exists(session, key):
         return False
     try:
         with session.begin_nested():  # a concurrent writer of the same key: theirs stands
-            session.add(LedgerTransaction(key=key, order_id=order_id, kind=kind, created_at=utcnow(),
-                                          entries=[LedgerEntry(account=a, amount_cents=c) for a, c in entries.items()]))
+            session.add(transaction)
     except IntegrityError:
         return False
     return True
