@@ -139,7 +139,7 @@ MARKS = ("event_created", "published", "settle_started", "payout_created", "send
 MARK_LABELS = {
     "event_created": "order.completed written (approve's transaction)",
     "answered": "approve answered 200 at the client",
-    "published": "outbox row marked published (relay task, default worker)",
+    "published": "outbox row marked published (relay task)",
     "settle_started": "payouts.settle_order started",
     "payout_created": "payout row created (settle's ledger entry)",
     "send_started": "first attempt claimed (rail_calls.started_at)",
