@@ -55,7 +55,7 @@ class Engine:
 
     def take_event(self, message: dict) -> list[str]:
         """Take one order event (idempotent by event id); returns the payouts now due to send."""
-        return [p.id for p in self._take(message, lambda session, payouts, now: payouts)]
+        return self._take(message, claim=False)
 
     def take_and_claim(self, message: dict) -> list[Attempt | str]:
         """take_event, with the first attempt of each new payout whose destination the event
@@ -63,19 +63,9 @@ class Engine:
         the same transaction, so it goes to the rail with no wallet lookup and no second
         transaction first. A payout without one (the agent had no wallet) comes back by id, for
         send() to look the wallet up."""
-        def claim_new(session, payouts, now):
-            due = (self.event_wallet(message, p) for p in payouts)
-            return [self._claim(session, p, *where, now) if where[0] else p.id for p, where in zip(payouts, due)]
-        return self._take(message, claim_new)
+        return self._take(message, claim=True)
 
-    @staticmethod
-    def event_wallet(message: dict, payout: Payout) -> tuple[str | None, str | None]:
-        if payout.kind == "refund":
-            return payout.destination, payout.chain
-        due = (message.get("data") or {}).get("payout_due") or {}
-        return due.get("wallet"), due.get("chain")
-
-    def _take(self, message: dict, then):
+    def _take(self, message: dict, claim: bool) -> list[Attempt | str]:
         data = message.get("data") or {}
         with self.db.transaction() as session:
             if session.get(ProcessedEvent, message["id"]) is not None:
@@ -88,7 +78,11 @@ class Engine:
             if message["event"] == "order.paid":
                 fund(session, data["order_id"], data["client_wallet"], parse_usd(data["held_usd"]))
                 return []
-            return then(session, settle(session, data), utcnow())
+            due, now = [], utcnow()
+            for payout in settle(session, data):
+                destination, chain = _event_destination(data, payout) if claim else (None, None)
+                due.append(self._claim(session, payout, destination, chain, now) if destination else payout.id)
+            return due
 
     def catch_up(self, grace_seconds: float = 30.0, overlap_seconds: float = 120.0, page: int = 500,
                  now: dt.datetime | None = None) -> int:
@@ -315,6 +309,15 @@ def settled_pages(orders: InternalClient, since: dt.datetime, page: int = 500):
 
 
 # --- recording (inside a transaction) ----------------------------------------------------------
+
+def _event_destination(data: dict, payout: Payout) -> tuple[str | None, str | None]:
+    """Where a new payout goes, as its event says: the buyer's wallet for a refund, the agent's
+    payout wallet as of the completion for a payout (None if the agent had none)."""
+    if payout.kind == "refund":
+        return payout.destination, payout.chain
+    due = data.get("payout_due") or {}
+    return due.get("wallet"), due.get("chain")
+
 
 def fund(session: Session, order_id: str, wallet: str, held_cents: int) -> None:
     """The buyer's payment now sits in the order's escrow."""
