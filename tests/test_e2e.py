@@ -368,7 +368,11 @@ def test_webhooks_and_buyer_notifications_with_the_real_workers(stack):
                                                               key)["items"]} == {"delivered"}, 20), log
         assert max(d["attempts"] for d in gw.ok("GET", "/api/agents/me/webhook-deliveries", key)["items"]) == 2
         feed = gw.ok("GET", "/api/agents/me/events", key)["items"]
-        assert [e["event"] for e in feed][:3] == ["order.created", "order.quoted", "order.paid"]
+        assert [e["position"] for e in feed] == sorted(e["position"] for e in feed)
+        # positions follow the order the worker recorded them in (four at once here); the order's
+        # own `sequence` is what puts its events in order, as docs/webhooks.md says
+        assert [e["event"] for e in sorted(feed, key=lambda e: e["sequence"])][:3] == [
+            "order.created", "order.quoted", "order.paid"]
         told = _wait_for(lambda: gw.ok("GET", "/api/notifications", buyer)["items"], 20)
         assert told and told[0]["kind"] == "quoted" and "80.00" in told[0]["text"]
     finally:
