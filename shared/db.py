@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 
 from flask import Flask, g, request
 from sqlalchemy import DateTime, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -88,6 +89,13 @@ def make_engine(url: str) -> Engine:
 
 class Base(DeclarativeBase):
     pass
+
+
+def insert(session: Session, table):
+    """An INSERT of the session's dialect, for `on_conflict_do_nothing` / `_do_update` (both
+    dialects speak them, and RETURNING)."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
 
 
 def after_commit(session: Session, fn: Callable[[], None]) -> None:

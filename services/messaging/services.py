@@ -9,10 +9,9 @@ import re
 from typing import Callable
 
 from sqlalchemy import func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from shared.db import after_commit, isoformat, utcnow
+from shared.db import after_commit, insert, isoformat, utcnow
 from shared.ids import new_id
 
 from .models import Message, Thread
@@ -92,15 +91,11 @@ def post_message(session: Session, outbox, order_id: str, party: str, sender_id:
     return message
 
 
-def _upsert(session: Session):
-    return (postgresql if session.get_bind().dialect.name == "postgresql" else sqlite).insert
-
-
 def _count_post(session: Session, order_id: str, party: str, now) -> None:
     to_client, to_agent = int(party == AGENT), int(party == CLIENT)
-    insert = _upsert(session)(Thread).values(order_id=order_id, client_unread=to_client, agent_unread=to_agent,
-                                             message_count=1, last_message_at=now)
-    session.execute(insert.on_conflict_do_update(index_elements=[Thread.order_id], set_={
+    upsert = insert(session, Thread).values(order_id=order_id, client_unread=to_client, agent_unread=to_agent,
+                                            message_count=1, last_message_at=now)
+    session.execute(upsert.on_conflict_do_update(index_elements=[Thread.order_id], set_={
         "client_unread": Thread.client_unread + to_client, "agent_unread": Thread.agent_unread + to_agent,
         "message_count": Thread.message_count + 1, "last_message_at": now}))
 

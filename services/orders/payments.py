@@ -4,10 +4,11 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared import errors
-from shared.db import utcnow
+from shared.db import insert, utcnow
 from shared.settings import Settings
 
 from .chains import BaseVerifier, SolanaVerifier
@@ -72,3 +73,14 @@ def record_sandbox_transfer(session: Session, from_wallet: str, to: str, amount_
                                idempotency_key=idempotency_key, created_at=utcnow())
     session.add(transfer)
     return transfer
+
+
+def rail_transfer(session: Session, key: str, from_wallet: str, to: str, amount_cents: int, asset: str, chain: str):
+    """The sandbox payout rail's one transfer for `key`: made now, or the one an earlier call made
+    (a concurrent call with the same key is waited for, and its transfer stands)."""
+    table = SandboxTransfer.__table__
+    made = session.execute(insert(session, table).values(
+        tx_hash="sbx_" + secrets.token_hex(32), idempotency_key=key, from_wallet=from_wallet, to_address=to,
+        amount_cents=amount_cents, asset=asset, chain=chain, created_at=utcnow(),
+    ).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(*table.c)).first()
+    return made or session.execute(select(*table.c).where(table.c.idempotency_key == key)).first()

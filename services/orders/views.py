@@ -11,7 +11,6 @@ from flask import Blueprint as FlaskBlueprint, Response, current_app, g, request
 from flask_smorest import Blueprint
 from marshmallow import ValidationError as MarshmallowValidationError
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
 from shared import errors, logs
 from shared.auth import Caller, require_service, sign_session
@@ -26,7 +25,7 @@ from . import cache
 from .cache import STRANGER
 from .models import (Agent, Delivery, DeliveryItem, Generation, Notification, Order, SandboxTransfer, Service,
                      WebhookDelivery)
-from .payments import destination_for, record_sandbox_transfer
+from .payments import destination_for, rail_transfer, record_sandbox_transfer
 from .wallets import verify_signature
 
 auth_bp = Blueprint("auth", __name__, url_prefix="/api/auth", description="Buyer wallet login")
@@ -625,16 +624,9 @@ def internal_settlement_report(order_id):
 def internal_rail_send():
     """The sandbox payout rail: one transfer per idempotency key, ever; a repeat returns the first."""
     data = _load(s.RailTransferIn, request.get_json(silent=True))
-    existing = _rail_transfer(data["idempotency_key"])
-    if existing is None:
-        try:
-            with _db().begin_nested():
-                existing = record_sandbox_transfer(_db(), destination_for(data["chain"], _rt().settings), data["to"],
-                                                   data["amount_cents"], data["asset"], data["chain"],
-                                                   idempotency_key=data["idempotency_key"])
-        except IntegrityError:  # the same key raced in from another call: that one stands
-            existing = _rail_transfer(data["idempotency_key"])
-    return ok(_rail_record(existing), 201)
+    transfer = rail_transfer(_db(), data["idempotency_key"], destination_for(data["chain"], _rt().settings),
+                             data["to"], data["amount_cents"], data["asset"], data["chain"])
+    return ok(_rail_record(transfer), 201)
 
 
 @internal.get("/sandbox/rail/<path:key>")

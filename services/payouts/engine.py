@@ -14,16 +14,15 @@ import random
 from dataclasses import dataclass
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared.db import Database, isoformat, utcnow
+from shared.db import Database, insert, isoformat, utcnow
 from shared.internal import InternalClient, InternalError, Unavailable
 from shared.money import parse_usd
 from shared.settings import Settings
 
 from . import ledger
-from .models import Payout, ProcessedEvent, RailCall, SyncState
+from .models import Payout, ProcessedEvent, RailCall, SyncState, rail_key
 from .rails import PayoutRail, RailAmbiguous, RailError, RailRejected, RailUnavailable
 
 log = logging.getLogger(__name__)
@@ -66,23 +65,18 @@ class Engine:
         return self._take(message, claim=True)
 
     def _take(self, message: dict, claim: bool) -> list[Attempt | str]:
+        # Plain statements, not ORM objects: this transaction is on every payout's way to the rail.
         data = message.get("data") or {}
         with self.db.transaction() as session:
-            if session.get(ProcessedEvent, message["id"]) is not None:
-                return []
-            try:
-                with session.begin_nested():
-                    session.add(ProcessedEvent(id=message["id"], processed_at=utcnow()))
-            except IntegrityError:  # the same message is being taken by another worker
+            if not _first_taking(session, message["id"]):  # taken before, or by another worker now
                 return []
             if message["event"] == "order.paid":
                 fund(session, data["order_id"], data["client_wallet"], parse_usd(data["held_usd"]))
                 return []
-            due, now = [], utcnow()
-            for payout in settle(session, data):
-                destination, chain = _event_destination(data, payout) if claim else (None, None)
-                due.append(self._claim(session, payout, destination, chain, now) if destination else payout.id)
-            return due
+            now = utcnow()
+            leased_until = now + dt.timedelta(seconds=lease_seconds(self.settings)) if claim else None
+            return [_attempt(session, row, now) if row["attempts"] else row["id"]
+                    for row in settle(session, data, now, leased_until)]
 
     def catch_up(self, grace_seconds: float = 30.0, overlap_seconds: float = 120.0, page: int = 500,
                  now: dt.datetime | None = None) -> int:
@@ -155,17 +149,14 @@ class Engine:
 
     def _claim(self, session: Session, payout: Payout, destination: str, chain: str | None,
                now: dt.datetime) -> Attempt:
-        """Take the next attempt of a payout (locked, or new in this transaction): it is leased to
-        this worker, and its rail call is on record before it is made."""
+        """Take the next attempt of a locked payout: it is leased to this worker, and its rail call
+        is on record before it is made."""
         payout.destination, payout.chain = destination, chain
         payout.attempts += 1
         payout.status = "pending"
         payout.next_attempt_at = now + dt.timedelta(seconds=lease_seconds(self.settings))
-        call = RailCall(payout_id=payout.id, idempotency_key=payout.rail_key, attempt=payout.attempts,
-                        outcome="started", started_at=now)
-        session.add(call)
-        session.flush()
-        return Attempt(payout.id, call.id, payout.rail_key, destination, payout.amount_cents, chain)
+        return _attempt(session, {"id": payout.id, "attempts": payout.attempts, "destination": destination,
+                                  "chain": chain, "amount_cents": payout.amount_cents}, now)
 
     def transfer(self, attempt: Attempt) -> str:
         """Make a claimed attempt's rail call (outside any transaction) and record how it went."""
@@ -187,14 +178,15 @@ class Engine:
 
     def _finish(self, payout_id: str, call_id: int, outcome: str, transfer, error: str | None) -> str:
         now = utcnow()
+        calls = RailCall.__table__
         with self.db.transaction() as session:
-            payout = _locked(session, self.db, payout_id)
-            session.execute(update(RailCall).where(RailCall.id == call_id).values(
+            session.execute(update(calls).where(calls.c.id == call_id).values(
                 outcome=outcome, error=error, finished_at=now, tx_ref=transfer.tx_ref if transfer else None))
-            if payout.status == "sent":
-                return "sent"
             if transfer is not None:
-                record_sent(session, payout, transfer.tx_ref, now)
+                record_sent(session, payout_id, transfer.tx_ref, now)  # unless an earlier attempt did
+                return "sent"
+            payout = _locked(session, self.db, payout_id)
+            if payout.status == "sent":
                 return "sent"
             if outcome == "rejected" or payout.attempts >= self.settings.payout_max_attempts:
                 _change(payout, now, status="failed", last_error=error, next_attempt_at=None)
@@ -310,13 +302,20 @@ def settled_pages(orders: InternalClient, since: dt.datetime, page: int = 500):
 
 # --- recording (inside a transaction) ----------------------------------------------------------
 
-def _event_destination(data: dict, payout: Payout) -> tuple[str | None, str | None]:
-    """Where a new payout goes, as its event says: the buyer's wallet for a refund, the agent's
-    payout wallet as of the completion for a payout (None if the agent had none)."""
-    if payout.kind == "refund":
-        return payout.destination, payout.chain
-    due = data.get("payout_due") or {}
-    return due.get("wallet"), due.get("chain")
+def _first_taking(session: Session, event_id: str) -> bool:
+    """Note an event as taken: False if it already was (a concurrent taker is waited for)."""
+    table = ProcessedEvent.__table__
+    return session.scalar(insert(session, table).values(id=event_id, processed_at=utcnow())
+                          .on_conflict_do_nothing(index_elements=["id"]).returning(table.c.id)) is not None
+
+
+def _attempt(session: Session, payout: dict, now: dt.datetime) -> Attempt:
+    """Put a claimed attempt's rail call on record before it is made."""
+    calls, key = RailCall.__table__, rail_key(payout["id"])
+    call_id = session.scalar(calls.insert().values(
+        payout_id=payout["id"], idempotency_key=key, attempt=payout["attempts"], outcome="started",
+        started_at=now).returning(calls.c.id))
+    return Attempt(payout["id"], call_id, key, payout["destination"], payout["amount_cents"], payout["chain"])
 
 
 def fund(session: Session, order_id: str, wallet: str, held_cents: int) -> None:
@@ -325,47 +324,61 @@ def fund(session: Session, order_id: str, wallet: str, held_cents: int) -> None:
                 {ledger.buyer_wallet(wallet): -held_cents, ledger.escrow(order_id): held_cents})
 
 
-def settle(session: Session, data: dict) -> list[Payout]:
+def settle(session: Session, data: dict, now: dt.datetime | None = None,
+           leased_until: dt.datetime | None = None) -> list[dict]:
     """Empty the order's escrow into what is owed (agent, platform fee, buyer) and create the
-    payout rows, once per order. Returns the payouts created now."""
+    payout rows, once per order. Returns the payouts created now (their rows' values). With
+    `leased_until`, a payout whose destination the event names (a refund's buyer wallet; the
+    agent's payout wallet as of the completion) is created with its first attempt claimed."""
     order_id, wallet = data["order_id"], data["client_wallet"]
     held = parse_usd(data["held_usd"])
     fund(session, order_id, wallet, held)  # the paid event may still be on its way
-    now = utcnow()
+    now = now or utcnow()
     entries = {ledger.escrow(order_id): -held}
+    # the orders service created them pending: that much it knows already
+    new = {"order_id": order_id, "status": "pending", "attempts": 0, "version": 1, "reported_version": 1,
+           "created_at": now, "updated_at": now, "next_attempt_at": None, "agent_id": None}
     payouts = []
     if due := data.get("payout_due"):
         net, fee = parse_usd(due["amount_usd"]), parse_usd(due["fee_usd"])
         entries[ledger.agent_payable(due["agent_id"])] = net
         entries[ledger.PLATFORM_FEES] = fee
-        payouts.append(Payout(id=due["id"], order_id=order_id, kind="payout", agent_id=due["agent_id"],
-                              amount_cents=net, fee_cents=fee))
+        payouts.append({**new, "id": due["id"], "kind": "payout", "agent_id": due["agent_id"], "amount_cents": net,
+                        "fee_cents": fee, "destination": due.get("wallet"), "chain": due.get("chain")})
     if due := data.get("refund_due"):
         amount = parse_usd(due["amount_usd"])
         entries[ledger.buyer_refunds(wallet)] = amount
-        payouts.append(Payout(id=due["id"], order_id=order_id, kind="refund", destination=due["wallet"],
-                              chain=due["chain"], amount_cents=amount, fee_cents=0))
-    try:
-        with session.begin_nested():
-            if not ledger.post(session, f"settle:{order_id}", order_id, "settle", entries):
-                return []
-            for payout in payouts:
-                # the orders service created it pending: that much it knows already
-                payout.status, payout.attempts, payout.version, payout.reported_version = "pending", 0, 1, 1
-                payout.created_at = payout.updated_at = now
-                session.add(payout)
-    except IntegrityError:  # settled concurrently by a duplicate message
-        return []
+        payouts.append({**new, "id": due["id"], "kind": "refund", "amount_cents": amount, "fee_cents": 0,
+                        "destination": due["wallet"], "chain": due["chain"]})
+    if not ledger.post(session, f"settle:{order_id}", order_id, "settle", entries):
+        return []  # settled before, or by a duplicate message just now
+    for payout in payouts:
+        if leased_until is not None and payout["destination"]:
+            payout.update(attempts=1, next_attempt_at=leased_until)
+        elif payout["kind"] == "payout":  # the wallet is looked up when the payout is sent
+            payout.update(destination=None, chain=None)
+    if payouts:
+        session.execute(Payout.__table__.insert(), payouts)
     return payouts
 
 
-def record_sent(session: Session, payout: Payout, tx_ref: str, now: dt.datetime) -> None:
-    """`payout` is locked and not yet sent: its `sent:` posting is recorded only with that status."""
-    owed = ledger.agent_payable(payout.agent_id) if payout.kind == "payout" else ledger.buyer_refunds(payout.destination)
-    paid = ledger.agent_wallet(payout.agent_id) if payout.kind == "payout" else ledger.buyer_wallet(payout.destination)
-    ledger.post(session, f"sent:{payout.id}", payout.order_id, "sent",
-                {owed: -payout.amount_cents, paid: payout.amount_cents}, new=True)
-    _change(payout, now, status="sent", tx_ref=tx_ref, sent_at=now, next_attempt_at=None, last_error=None)
+def record_sent(session: Session, payout_id: str, tx_ref: str, now: dt.datetime) -> bool:
+    """Mark a payout sent and post its `sent:` transaction, unless it already is (False). The
+    conditional update holds the payout's row, so the posting is made once."""
+    table = Payout.__table__
+    payout = session.execute(update(table).where(table.c.id == payout_id, table.c.status != "sent").values(
+        status="sent", tx_ref=tx_ref, sent_at=now, next_attempt_at=None, last_error=None, updated_at=now,
+        version=table.c.version + 1).returning(table.c.kind, table.c.agent_id, table.c.destination,
+                                               table.c.amount_cents, table.c.order_id)).first()
+    if payout is None:
+        return False
+    if payout.kind == "payout":
+        owed, paid = ledger.agent_payable(payout.agent_id), ledger.agent_wallet(payout.agent_id)
+    else:
+        owed, paid = ledger.buyer_refunds(payout.destination), ledger.buyer_wallet(payout.destination)
+    ledger.post(session, f"sent:{payout_id}", payout.order_id, "sent",
+                {owed: -payout.amount_cents, paid: payout.amount_cents})
+    return True
 
 
 def backoff(attempt: int, settings: Settings) -> float:

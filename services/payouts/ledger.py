@@ -11,10 +11,9 @@ Accounts:
 from __future__ import annotations
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared.db import utcnow
+from shared.db import insert, utcnow
 
 from .models import LedgerEntry, LedgerTransaction
 
@@ -45,25 +44,21 @@ def exists(session: Session, key: str) -> bool:
     return session.scalar(select(LedgerTransaction.id).where(LedgerTransaction.key == key)) is not None
 
 
-def post(session: Session, key: str, order_id: str, kind: str, entries: dict[str, int], new: bool = False) -> bool:
-    """Record a balanced transaction once: False if `key` is already recorded (by anyone). With
-    `new`, the caller holds the lock that makes a second recording of `key` impossible, so it
-    is added without asking first (the unique key still guards it)."""
+def post(session: Session, key: str, order_id: str, kind: str, entries: dict[str, int]) -> bool:
+    """Record a balanced transaction once: False if `key` is already recorded (by anyone; a
+    concurrent recording of the same key is waited for, and then stands)."""
     entries = {account: cents for account, cents in entries.items() if cents}
     if sum(entries.values()) != 0:
         raise ValueError(f"ledger transaction {key} does not balance: {entries}")
-    transaction = LedgerTransaction(key=key, order_id=order_id, kind=kind, created_at=utcnow(),
-                                    entries=[LedgerEntry(account=a, amount_cents=c) for a, c in entries.items()])
-    if new:
-        session.add(transaction)
-        return True
-    if exists(session, key):
+    transaction_id = session.scalar(
+        insert(session, LedgerTransaction.__table__)
+        .values(key=key, order_id=order_id, kind=kind, created_at=utcnow())
+        .on_conflict_do_nothing(index_elements=["key"]).returning(LedgerTransaction.__table__.c.id))
+    if transaction_id is None:
         return False
-    try:
-        with session.begin_nested():  # a concurrent writer of the same key: theirs stands
-            session.add(transaction)
-    except IntegrityError:
-        return False
+    session.execute(LedgerEntry.__table__.insert(), [
+        {"transaction_id": transaction_id, "account": account, "amount_cents": cents}
+        for account, cents in entries.items()])
     return True
 
 

@@ -11,6 +11,11 @@ class Base(DeclarativeBase):
     pass
 
 
+def rail_key(payout_id: str) -> str:
+    """The idempotency key of every rail call for a payout: one transfer, however many calls."""
+    return f"payout:{payout_id}"
+
+
 class Payout(Base):
     """Money owed to one party of one order: the agent's payout or the buyer's refund.
 
@@ -42,8 +47,7 @@ class Payout(Base):
 
     @property
     def rail_key(self) -> str:
-        """The idempotency key of every rail call for this payout: one transfer, however many calls."""
-        return f"payout:{self.id}"
+        return rail_key(self.id)
 
 
 class LedgerTransaction(Base):
