@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from flask import Flask, g, request
-from sqlalchemy import DateTime, create_engine, event
+from sqlalchemy import DateTime, Table, bindparam, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -92,10 +92,21 @@ class Base(DeclarativeBase):
 
 
 def insert(session: Session, table):
-    """An INSERT of the session's dialect, for `on_conflict_do_nothing` / `_do_update` (both
-    dialects speak them, and RETURNING)."""
+    """An INSERT of the session's dialect, for `on_conflict_do_update` (both dialects speak it).
+    SQLAlchemy compiles these anew on every execution; see insert_or_skip for a hot path."""
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     return dialect.insert(table)
+
+
+def insert_or_skip(table: Table, columns: tuple[str, ...], unique: str, returning: tuple[str, ...]):
+    """`INSERT … ON CONFLICT (unique) DO NOTHING RETURNING …`: the row's `returning` columns, or
+    no row if one with the same `unique` value is there (a concurrent insert of it is waited for).
+    Plain SQL that PostgreSQL and SQLite both speak, with the columns' types on the way in and out,
+    so SQLAlchemy caches its compiled form (it does not cache dialect INSERTs with ON CONFLICT)."""
+    sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join(':' + c for c in columns)}) "
+           f"ON CONFLICT ({unique}) DO NOTHING RETURNING {', '.join(returning)}")
+    return (text(sql).bindparams(*(bindparam(c, type_=table.c[c].type) for c in columns))
+            .columns(*(table.c[c] for c in returning)))
 
 
 def after_commit(session: Session, fn: Callable[[], None]) -> None:

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared import errors
-from shared.db import insert, utcnow
+from shared.db import insert_or_skip, utcnow
 from shared.settings import Settings
 
 from .chains import BaseVerifier, SolanaVerifier
@@ -75,12 +75,16 @@ def record_sandbox_transfer(session: Session, from_wallet: str, to: str, amount_
     return transfer
 
 
+_TRANSFER_COLUMNS = ("tx_hash", "idempotency_key", "from_wallet", "to_address", "amount_cents", "asset", "chain",
+                     "created_at")
+_RAIL_TRANSFER = insert_or_skip(SandboxTransfer.__table__, _TRANSFER_COLUMNS, "idempotency_key", _TRANSFER_COLUMNS)
+
+
 def rail_transfer(session: Session, key: str, from_wallet: str, to: str, amount_cents: int, asset: str, chain: str):
     """The sandbox payout rail's one transfer for `key`: made now, or the one an earlier call made
     (a concurrent call with the same key is waited for, and its transfer stands)."""
+    made = session.execute(_RAIL_TRANSFER, {
+        "tx_hash": "sbx_" + secrets.token_hex(32), "idempotency_key": key, "from_wallet": from_wallet, "to_address": to,
+        "amount_cents": amount_cents, "asset": asset, "chain": chain, "created_at": utcnow()}).first()
     table = SandboxTransfer.__table__
-    made = session.execute(insert(session, table).values(
-        tx_hash="sbx_" + secrets.token_hex(32), idempotency_key=key, from_wallet=from_wallet, to_address=to,
-        amount_cents=amount_cents, asset=asset, chain=chain, created_at=utcnow(),
-    ).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(*table.c)).first()
     return made or session.execute(select(*table.c).where(table.c.idempotency_key == key)).first()

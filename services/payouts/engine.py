@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from shared.db import Database, insert, isoformat, utcnow
+from shared.db import Database, insert_or_skip, isoformat, utcnow
 from shared.internal import InternalClient, InternalError, Unavailable
 from shared.money import parse_usd
 from shared.settings import Settings
@@ -302,11 +302,12 @@ def settled_pages(orders: InternalClient, since: dt.datetime, page: int = 500):
 
 # --- recording (inside a transaction) ----------------------------------------------------------
 
+_TAKE = insert_or_skip(ProcessedEvent.__table__, ("id", "processed_at"), "id", ("id",))
+
+
 def _first_taking(session: Session, event_id: str) -> bool:
     """Note an event as taken: False if it already was (a concurrent taker is waited for)."""
-    table = ProcessedEvent.__table__
-    return session.scalar(insert(session, table).values(id=event_id, processed_at=utcnow())
-                          .on_conflict_do_nothing(index_elements=["id"]).returning(table.c.id)) is not None
+    return session.scalar(_TAKE, {"id": event_id, "processed_at": utcnow()}) is not None
 
 
 def _attempt(session: Session, payout: dict, now: dt.datetime) -> Attempt:

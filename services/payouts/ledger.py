@@ -13,7 +13,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shared.db import insert, utcnow
+from shared.db import insert_or_skip, utcnow
 
 from .models import LedgerEntry, LedgerTransaction
 
@@ -40,6 +40,9 @@ def agent_wallet(agent_id: str) -> str:
     return f"external:agent:{agent_id}"
 
 
+_RECORD = insert_or_skip(LedgerTransaction.__table__, ("key", "order_id", "kind", "created_at"), "key", ("id",))
+
+
 def exists(session: Session, key: str) -> bool:
     return session.scalar(select(LedgerTransaction.id).where(LedgerTransaction.key == key)) is not None
 
@@ -50,10 +53,7 @@ def post(session: Session, key: str, order_id: str, kind: str, entries: dict[str
     entries = {account: cents for account, cents in entries.items() if cents}
     if sum(entries.values()) != 0:
         raise ValueError(f"ledger transaction {key} does not balance: {entries}")
-    transaction_id = session.scalar(
-        insert(session, LedgerTransaction.__table__)
-        .values(key=key, order_id=order_id, kind=kind, created_at=utcnow())
-        .on_conflict_do_nothing(index_elements=["key"]).returning(LedgerTransaction.__table__.c.id))
+    transaction_id = session.scalar(_RECORD, {"key": key, "order_id": order_id, "kind": kind, "created_at": utcnow()})
     if transaction_id is None:
         return False
     session.execute(LedgerEntry.__table__.insert(), [
