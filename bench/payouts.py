@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import noop_worker  # noqa: E402  (the baseline's queue, task and list names)
+from bench import noop_worker, payout_floor  # noqa: E402  (the baseline's and the floor's names)
 from bench.api import (Api, Errors, Proc, Reader, Seeder, SetupError, bench_urls, free_port, loadavg, log,  # noqa: E402
                        machine, pct, run_bench, service_env, start, vacuum_analyze)
 
@@ -57,15 +57,18 @@ def replaced(argv: tuple[str, ...], option: str, value: str) -> list[str]:
     return out
 
 
-def processes(env: dict, logdir: Path, port: int) -> list[Proc]:
+def processes(env: dict, logdir: Path, port: int, rail_port: int) -> list[Proc]:
     """The table's orders server, default and payouts workers and beat, exactly as `make run` starts
     them except for the orders port and beat's schedule file; then the baseline worker, built by the
-    table's own worker() with the flags the brief fixes (concurrency 1)."""
+    table's own worker() with the flags the brief fixes (concurrency 1), and the floor's worker and
+    rail, built the same way (the rail with the orders server's settings)."""
     from services import processes as table
 
     by_name = {p.name: p for p in table.PROCESSES}
     orders, default, payouts, beat = (by_name[n] for n in ("orders", "worker-default", "worker-payouts", "beat"))
     noop = table.worker(noop_worker.QUEUE, concurrency=1, app="bench.noop_worker")
+    floor = table.worker(payout_floor.QUEUE, concurrency=1, app="bench.payout_floor")
+    floor_rail = table.web("floor-rail", "bench.payout_floor:rail", rail_port)
     return [
         Proc("orders", replaced(orders.argv, "--bind", f"127.0.0.1:{port}"), env, logdir,
              f"http://127.0.0.1:{port}/healthz"),
@@ -73,6 +76,8 @@ def processes(env: dict, logdir: Path, port: int) -> list[Proc]:
         Proc("worker-payouts", list(payouts.argv), env, logdir),
         Proc("beat", replaced(beat.argv, "--schedule", str(logdir / "celerybeat-schedule")), env, logdir),
         Proc("worker-noop", list(noop.argv), env, logdir),
+        Proc("worker-floor", list(floor.argv), env, logdir),
+        Proc("floor-rail", list(floor_rail.argv), env, logdir, f"http://127.0.0.1:{rail_port}/healthz"),
     ]
 
 
@@ -258,6 +263,44 @@ class Bare:
         return times
 
 
+class Floor:
+    """The floor (bench/payout_floor.py): publish its event to its worker, then poll its payout
+    row until `sent`, exactly as payout_latency() polls a real payout."""
+
+    def __init__(self, bare: Bare, database_url: str):
+        import psycopg
+
+        self.client = bare.client
+        self.conn = psycopg.connect(database_url, autocommit=True)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def trip(self, poll: float, timeout: float = 10) -> float | None:
+        payout_id = "pay_" + uuid.uuid4().hex[:20]
+        started = time.perf_counter()
+        self.client.send_task(payout_floor.TASK, args=[payout_id, "A" * 44, 4050], queue=payout_floor.QUEUE)
+        while True:
+            row = self.conn.execute("SELECT status FROM floor_payouts WHERE id = %s", (payout_id,),
+                                    prepare=True).fetchone()
+            elapsed = time.perf_counter() - started
+            if row is not None and row[0] == "sent":
+                return elapsed
+            if elapsed > timeout:
+                return None
+            time.sleep(poll)
+
+    def trips(self, n: int, poll: float, errors: Errors) -> list[float]:
+        times = []
+        for i in range(n):
+            elapsed = self.trip(poll)
+            if elapsed is None:
+                errors.add(f"floor payout {i}: not sent within 10 s")
+            else:
+                times.append(elapsed)
+        return times
+
+
 def drain(seeder: Seeder, tables: Tables, ids: list[str], threads: int, errors: Errors) -> dict:
     """Approve every order from a thread pool at once; time from the first approve until the last
     of their payouts is `sent` (as the client sees it, polling). With a backlog, the payouts sweep
@@ -326,11 +369,12 @@ def main(argv=None) -> int:
     poll = args.poll_ms / 1000
 
     database_url, redis_url = bench_urls(DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL)
-    port = free_port()
+    port, rail_port = free_port(), free_port()
     env = service_env(database_url, redis_url, CLEARED, ORDERS_URL=f"http://127.0.0.1:{port}",
-                      LOG_LEVEL=os.environ.get("LOG_LEVEL", "WARNING"), PYTHONUNBUFFERED="1")
+                      LOG_LEVEL=os.environ.get("LOG_LEVEL", "WARNING"), PYTHONUNBUFFERED="1",
+                      **{payout_floor.RAIL_URL: f"http://127.0.0.1:{rail_port}"})
     logdir = Path(tempfile.mkdtemp(prefix="orderdesk-bench-payouts-"))
-    procs = processes(env, logdir, port)
+    procs = processes(env, logdir, port, rail_port)
     errors = Errors()
     opened: list = []  # run_bench closes them before it stops the processes
 
@@ -340,12 +384,17 @@ def main(argv=None) -> int:
 
     def body(load_before: str) -> bool:
         start(*procs)
+        payout_floor.create_tables(payout_floor.plain_url(database_url))
         tables = Tables(database_url)
         opened.append(tables)
         bare = Bare(redis_url, env)
         opened.append(bare)
         if bare.trip(timeout=60, alive=alive) is None:  # the first one waits for the worker to start
             raise SetupError(f"the no-op worker ran nothing in 60 s; see {procs[-1].log}")
+        floor = Floor(bare, payout_floor.plain_url(database_url))
+        opened.append(floor)
+        if floor.trip(poll, timeout=60) is None:
+            raise SetupError(f"the floor's worker sent nothing in 60 s; see {logdir}")
 
         seeder = Seeder(port, payout_wallet=True)
         ids = seeder.orders(warm_orders + n_orders + n_drain)
@@ -356,12 +405,15 @@ def main(argv=None) -> int:
         log(f"warming up: {warm_orders} payouts, {warm_trips} no-op round trips ...")
         payout_latency(seeder.api, seeder.buyer, tables, warm, poll, errors)
         bare.trips(warm_trips, errors)
-        # the baseline in two halves around the payouts, so both see the same machine
-        log(f"bare round trips 1/2 ({n_trips // 2}) ...")
+        floor.trips(warm_trips, poll, errors)
+        # the baseline and the floor in two halves around the payouts, so all see the same machine
+        log(f"bare round trips and floor payouts 1/2 ({n_trips // 2} each) ...")
         trips = bare.trips(n_trips // 2, errors)
+        floors = floor.trips(n_trips // 2, poll, errors)
         log(f"payout latency over {n_orders} orders, one at a time ...")
         samples = payout_latency(seeder.api, seeder.buyer, tables, timed, poll, errors)
-        log(f"bare round trips 2/2 ({n_trips - n_trips // 2}) ...")
+        log(f"floor payouts and bare round trips 2/2 ({n_trips - n_trips // 2} each) ...")
+        floors += floor.trips(n_trips - n_trips // 2, poll, errors)
         trips += bare.trips(n_trips - n_trips // 2, errors)
         timeline = tables.timeline(timed)
         load_mid = loadavg()
@@ -372,14 +424,14 @@ def main(argv=None) -> int:
         alive()
 
         load = f"{load_before} before, {load_mid} after the latency phase, {loadavg()} after (shared machine)"
-        report(args, procs, samples, trips, timeline, drained_result, errors, load, poll)
+        report(args, procs, samples, trips, floors, timeline, drained_result, errors, load, poll)
         return errors.count > 0
 
     return run_bench(body, env=env, procs=procs, logdir=logdir, closing=opened)
 
 
-def report(args, procs, samples: list[Sample], trips: list[float], timeline: dict, drained: dict | None,
-           errors: Errors, load: str, poll: float) -> None:
+def report(args, procs, samples: list[Sample], trips: list[float], floors: list[float], timeline: dict,
+           drained: dict | None, errors: Errors, load: str, poll: float) -> None:
     ms = 1000
     observed = [s.observed for s in samples if s.observed is not None]
     by_sent_at = [s.by_sent_at for s in samples if s.by_sent_at is not None]
@@ -402,12 +454,18 @@ def report(args, procs, samples: list[Sample], trips: list[float], timeline: dic
     print(row(f"payout, seen by polling ({poll * ms:g} ms)", observed))
     print(row("payout, by payouts.sent_at", by_sent_at))
     print(row("bare Celery no-op round trip", trips))
+    print(row(f"floor payout, polled ({poll * ms:g} ms)", floors))
     print()
     if observed and trips:
         ratio = statistics.median(observed) / statistics.median(trips)
         verdict = "PASS" if ratio <= TARGET_RATIO else "ABOVE"
         print(f"{'ratio payout p50 / bare p50':<36}  {ratio:>7.2f}  target <= {TARGET_RATIO:.2f}  {verdict}")
-        print()
+    if floors and trips:
+        print(f"{'ratio floor p50 / bare p50':<36}  {statistics.median(floors) / statistics.median(trips):>7.2f}"
+              "  (the least any payout does, bench/payout_floor.py)")
+    if observed and floors:
+        print(f"{'ratio payout p50 / floor p50':<36}  {statistics.median(observed) / statistics.median(floors):>7.2f}")
+    print()
 
     # Each order's path as offsets from its approve's answer; a step is the time since the line above.
     offsets: dict[str, list[float]] = {}
