@@ -62,8 +62,8 @@ class InternalClient:
     def post(self, path: str, body: dict):
         return self._call("POST", path, json.dumps(body).encode())
 
-    def _call(self, method: str, path: str, body: bytes | None = None):
-        headers = {SERVICE_TOKEN_HEADER: self.token}
+    def _call(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        headers = {**(headers or {}), SERVICE_TOKEN_HEADER: self.token}
         if body is not None:
             headers["Content-Type"] = "application/json"
         if logs.request_id.get():

@@ -151,3 +151,27 @@ def test_calls_reuse_one_kept_alive_connection():
         assert server.connections == 1
     finally:
         server.close()
+
+
+def test_messaging_asks_for_an_agent_by_key_in_a_header_never_in_the_url():
+    from services.messaging.access import OrdersClient
+
+    app = Flask(__name__)
+    asked = []
+
+    @app.get("/internal/agents/by-key")
+    def by_key():
+        asked.append((request.full_path, request.headers.get("X-Agent-Key"), request.headers.get("X-Service-Token")))
+        if request.headers.get("X-Agent-Key") == "atl_" + "k" * 30:
+            return jsonify({"success": True, "data": {"id": "agt_1"}})
+        return jsonify({"success": False, "code": "not_found", "error": "No such agent."}), 404
+
+    server = ServedApp(app)
+    try:
+        client = OrdersClient(server.url, TOKEN)
+        assert client.agent_for_key("atl_" + "k" * 30) == "agt_1"
+        assert client.agent_for_key("atl_" + "x" * 30) is None
+    finally:
+        server.close()
+    assert [(path, token) for path, _, token in asked] == [("/internal/agents/by-key?", TOKEN)] * 2
+    assert [key for _, key, _ in asked] == ["atl_" + "k" * 30, "atl_" + "x" * 30]
