@@ -51,7 +51,9 @@ class InternalClient:
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout
-        self._pool = urllib3.connection_from_url(self.base_url, maxsize=8, block=False, retries=False,
+        # kept-alive connections up to the most threads a process calls from at once (gunicorn's
+        # threads); past that a call opens a connection of its own and closes it afterwards
+        self._pool = urllib3.connection_from_url(self.base_url, maxsize=32, block=False, retries=False,
                                                  timeout=urllib3.Timeout(connect=timeout, read=timeout))
         self._prefix = urllib3.util.parse_url(self.base_url).path or ""
 
