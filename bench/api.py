@@ -59,10 +59,20 @@ class SetupError(Exception):
 
 # --- servers -------------------------------------------------------------------------------
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on right now, for a server about to be started; never one this
+    process handed out before: the system may give a just-closed port out again before the server
+    it was meant for has bound it, and two servers would then race for one port."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 class Proc:
