@@ -46,6 +46,8 @@ from urllib.parse import urlsplit, urlunsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.support.net import free_port  # noqa: E402  (one picker: never the same port twice)
+
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/orderdesk_bench"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
 # The one server configuration every app gets.
@@ -58,22 +60,6 @@ class SetupError(Exception):
 
 
 # --- servers -------------------------------------------------------------------------------
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port nothing listens on right now, for a server about to be started; never one this
-    process handed out before: the system may give a just-closed port out again before the server
-    it was meant for has bound it, and two servers would then race for one port."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
-
 
 class Proc:
     """One process in its own session, output to a log; stop() ends its whole group."""
