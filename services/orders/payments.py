@@ -66,11 +66,14 @@ def make_verifier(settings: Settings):
     return verifier(settings)
 
 
+def _tx_hash() -> str:
+    return "sbx_" + secrets.token_hex(32)
+
+
 def record_sandbox_transfer(session: Session, from_wallet: str, to: str, amount_cents: int, asset: str,
-                            chain: str, idempotency_key: str | None = None) -> SandboxTransfer:
-    transfer = SandboxTransfer(tx_hash="sbx_" + secrets.token_hex(32), from_wallet=from_wallet, to_address=to,
-                               amount_cents=amount_cents, asset=asset, chain=chain,
-                               idempotency_key=idempotency_key, created_at=utcnow())
+                            chain: str) -> SandboxTransfer:
+    transfer = SandboxTransfer(tx_hash=_tx_hash(), from_wallet=from_wallet, to_address=to, amount_cents=amount_cents,
+                               asset=asset, chain=chain, created_at=utcnow())
     session.add(transfer)
     return transfer
 
@@ -84,7 +87,10 @@ def rail_transfer(session: Session, key: str, from_wallet: str, to: str, amount_
     """The sandbox payout rail's one transfer for `key`: made now, or the one an earlier call made
     (a concurrent call with the same key is waited for, and its transfer stands)."""
     made = session.execute(_RAIL_TRANSFER, {
-        "tx_hash": "sbx_" + secrets.token_hex(32), "idempotency_key": key, "from_wallet": from_wallet, "to_address": to,
+        "tx_hash": _tx_hash(), "idempotency_key": key, "from_wallet": from_wallet, "to_address": to,
         "amount_cents": amount_cents, "asset": asset, "chain": chain, "created_at": utcnow()}).first()
-    table = SandboxTransfer.__table__
-    return made or session.execute(select(*table.c).where(table.c.idempotency_key == key)).first()
+    return made or rail_transfer_by_key(session, key)
+
+
+def rail_transfer_by_key(session: Session, key: str) -> SandboxTransfer | None:
+    return session.scalar(select(SandboxTransfer).where(SandboxTransfer.idempotency_key == key))

@@ -25,7 +25,7 @@ from . import cache
 from .cache import STRANGER
 from .models import (Agent, Delivery, DeliveryItem, Generation, Notification, Order, SandboxTransfer, Service,
                      WebhookDelivery)
-from .payments import destination_for, rail_transfer, record_sandbox_transfer
+from .payments import destination_for, rail_transfer, rail_transfer_by_key, record_sandbox_transfer
 from .wallets import verify_signature
 
 auth_bp = Blueprint("auth", __name__, url_prefix="/api/auth", description="Buyer wallet login")
@@ -631,7 +631,7 @@ def internal_rail_send():
 
 @internal.get("/sandbox/rail/<path:key>")
 def internal_rail_lookup(key):
-    row = _rail_transfer(key) if storable(key) else None
+    row = rail_transfer_by_key(_db(), key) if storable(key) else None
     if row is None:
         raise errors.NotFound("No transfer with this idempotency key.")
     return ok(_rail_record(row))
@@ -646,10 +646,6 @@ def internal_rail_list():
     rows = _db().scalars(stmt.order_by(SandboxTransfer.idempotency_key).limit(query["limit"])).all()
     return ok(page([_rail_record(r) for r in rows],
                    rows[-1].idempotency_key if len(rows) == query["limit"] else None))
-
-
-def _rail_transfer(key: str) -> SandboxTransfer | None:
-    return _db().scalar(select(SandboxTransfer).where(SandboxTransfer.idempotency_key == key))
 
 
 def _rail_record(row: SandboxTransfer) -> dict:
