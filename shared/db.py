@@ -98,15 +98,25 @@ def insert(session: Session, table):
     return dialect.insert(table)
 
 
-def insert_or_skip(table: Table, columns: tuple[str, ...], unique: str, returning: tuple[str, ...]):
+def insert_or_skip(table: Table, columns: tuple[str, ...], unique: str, returning: tuple[str, ...], rows: int = 1):
     """`INSERT … ON CONFLICT (unique) DO NOTHING RETURNING …`: the row's `returning` columns, or
     no row if one with the same `unique` value is there (a concurrent insert of it is waited for).
     Plain SQL that PostgreSQL and SQLite both speak, with the columns' types on the way in and out,
-    so SQLAlchemy caches its compiled form (it does not cache dialect INSERTs with ON CONFLICT)."""
-    sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join(':' + c for c in columns)}) "
+    so SQLAlchemy caches its compiled form (it does not cache dialect INSERTs with ON CONFLICT).
+    With `rows` > 1, one statement for that many rows, bound as `<column>_<row>` (see row_params);
+    what comes back is the rows inserted, in no particular order."""
+    names = [columns] if rows == 1 else [tuple(f"{c}_{i}" for c in columns) for i in range(rows)]
+    values = ", ".join("(" + ", ".join(":" + name for name in row) + ")" for row in names)
+    sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {values} "
            f"ON CONFLICT ({unique}) DO NOTHING RETURNING {', '.join(returning)}")
-    return (text(sql).bindparams(*(bindparam(c, type_=table.c[c].type) for c in columns))
+    return (text(sql).bindparams(*(bindparam(name, type_=table.c[c].type)
+                                   for row in names for name, c in zip(row, columns)))
             .columns(*(table.c[c] for c in returning)))
+
+
+def row_params(rows: list[dict]) -> dict:
+    """The parameters of an insert_or_skip statement for several rows."""
+    return {f"{column}_{i}": value for i, row in enumerate(rows) for column, value in row.items()}
 
 
 def after_commit(session: Session, fn: Callable[[], None]) -> None:

@@ -320,6 +320,185 @@ def test_a_worker_killed_between_the_claim_and_the_rail_call_pays_once_after_the
     assert len(desk.rail_transfers(attempt.payout_id)) == 1
     assert desk.balance(ledger.agent_wallet(agent.id)) == desk.payouts(order["id"])[0].amount_cents
 
+def test_posting_several_transactions_at_once_records_each_new_key_once(desk):
+    with desk.db.transaction() as session:
+        assert ledger.post(session, "fund:ord_x", "ord_x", "fund", {"buyer": -500, "escrow": 500})
+    with desk.db.transaction() as session:
+        assert ledger.post_many(session, [
+            ("fund:ord_x", "ord_x", "fund", {"buyer": -500, "escrow": 500}),  # recorded before: left alone
+            ("settle:ord_x", "ord_x", "settle", {"escrow": -500, "owed": 450, "fees": 50}),
+            ("sent:pay_x", "ord_x", "sent", {"owed": -450, "paid": 450})]) == {"settle:ord_x", "sent:pay_x"}
+    assert [desk.balance(a) for a in ("buyer", "escrow", "owed", "fees", "paid")] == [-500, 0, 0, 50, 450]
+    with pytest.raises(ValueError), desk.db.transaction() as session:
+        ledger.post_many(session, [("settle:ord_y", "ord_y", "settle", {"escrow": -500, "owed": 450})])
+    with desk.db.transaction() as session:
+        assert not ledger.exists(session, "settle:ord_y") and ledger.unbalanced(session) == []
+
+
+# --- paid first, recorded after -----------------------------------------------------------------------
+
+def _pay_first(desk, engine, order_id):
+    """What the settle task does with an order's events when it pays first: the paid event the
+    recorded way, the settling one paid and then recorded. Returns the calls and what recording said."""
+    calls, settled = {}, []
+    for message in desk.messages(order_id):
+        if message["event"] == "order.paid":
+            assert engine.pay_first(message) is None  # no money leaves on a payment
+            engine.take_event(message)
+        elif message["event"] in ("order.completed", "order.cancelled"):
+            calls = engine.pay_first(message)
+            settled = engine.record_paid(message, calls)
+    return calls, settled
+
+
+def _ledger_keys(desk, order_id):
+    with desk.db.transaction() as session:
+        return sorted(session.scalars(select(LedgerTransaction.key).where(LedgerTransaction.order_id == order_id)))
+
+
+def _calls(desk, payout_id):
+    with desk.db.transaction() as session:
+        return [(c.outcome, c.attempt, c.tx_ref, c.idempotency_key) for c in session.scalars(
+            select(RailCall).where(RailCall.payout_id == payout_id).order_by(RailCall.id))]
+
+
+def test_a_completion_paid_first_is_recorded_sent_in_one_transaction_with_its_settlement(desk):
+    agent, buyer, order, wallet = desk.completed("45.00")
+    engine = desk.engine()
+    calls, settled = _pay_first(desk, engine, order["id"])
+    [payout] = desk.payouts(order["id"])
+    assert settled == [(payout.id, "sent")] and list(calls) == [payout.id]
+    [transfer] = desk.rail_transfers(payout.id)
+    assert (transfer.to_address, transfer.amount_cents) == (wallet, 4050)
+    assert (payout.status, payout.tx_ref, payout.attempts, payout.destination) == ("sent", transfer.tx_hash, 1, wallet)
+    assert payout.sent_at is not None and payout.next_attempt_at is None
+    assert _calls(desk, payout.id) == [("sent", 1, transfer.tx_hash, f"payout:{payout.id}")]
+    assert _ledger_keys(desk, order["id"]) == sorted([f"fund:{order['id']}", f"settle:{order['id']}",
+                                                       f"sent:{payout.id}"])
+    assert desk.balance(ledger.escrow(order["id"])) == 0 and desk.balance(ledger.agent_payable(agent.id)) == 0
+    assert desk.balance(ledger.agent_wallet(agent.id)) == 4050 and desk.balance(ledger.PLATFORM_FEES) == 450
+    assert engine.unreported_ids(utcnow(), grace_seconds=0) == [payout.id]  # the orders service hears of it
+    assert engine.report(payout.id)
+    seen = desk.api.ok("GET", f"/api/orders/{order['id']}", agent)["payout"]
+    assert (seen["status"], seen["tx_ref"]) == ("sent", transfer.tx_hash)
+    # the same message again, by either way: seen, nothing paid or recorded twice
+    [completed] = desk.messages(order["id"], "order.completed")
+    assert engine.pay_first(completed) is None and engine.take_and_claim(completed) == []
+    assert len(desk.rail_transfers(payout.id)) == 1 and len(_calls(desk, payout.id)) == 1
+    problems, _ = reconcile.reconcile(desk.db, engine.orders, engine.rail)
+    assert problems == []
+
+
+def test_a_worker_that_died_after_paying_first_leaves_one_transfer_that_the_next_taker_records(desk):
+    agent, buyer, order, wallet = desk.completed()
+    engine = desk.engine()
+    [completed] = desk.messages(order["id"], "order.completed")
+    [payout_id] = engine.pay_first(completed)  # paid, then the worker died: nothing recorded
+    assert desk.payouts(order["id"]) == [] and len(desk.rail_transfers(payout_id)) == 1
+    calls = engine.pay_first(completed)  # the message, redelivered: pays again under the same key
+    assert engine.record_paid(completed, calls) == [(payout_id, "sent")]
+    [transfer] = desk.rail_transfers(payout_id)
+    [payout] = desk.payouts(order["id"])
+    assert (payout.status, payout.tx_ref) == ("sent", transfer.tx_hash)
+    assert desk.balance(ledger.agent_wallet(agent.id)) == payout.amount_cents
+
+
+def test_a_payout_paid_first_by_a_dead_worker_is_recorded_once_by_the_sweeps_send(desk):
+    agent, buyer, order, wallet = desk.completed()
+    engine = desk.engine()
+    [completed] = desk.messages(order["id"], "order.completed")
+    [payout_id] = engine.pay_first(completed)  # paid, then the worker died and the message was lost
+    later = utcnow() + dt.timedelta(seconds=31)
+    assert engine.catch_up(now=later) == 1  # the sweep finds the settlement
+    assert engine.send(payout_id, now=later) == "sent"  # asks the rail under the same key: no second transfer
+    [transfer] = desk.rail_transfers(payout_id)
+    assert desk.payouts(order["id"])[0].tx_ref == transfer.tx_hash
+    assert desk.balance(ledger.agent_wallet(agent.id)) == transfer.amount_cents
+
+
+def test_twin_workers_paying_first_make_one_transfer_and_one_posting(desk):
+    agent, buyer, order, wallet = desk.completed()
+    engine = desk.engine()
+    [completed] = desk.messages(order["id"], "order.completed")
+    first, second = engine.pay_first(completed), engine.pay_first(completed)  # both before either records
+    [payout_id] = first
+    assert first[payout_id].transfer.tx_ref == second[payout_id].transfer.tx_ref
+    assert engine.record_paid(completed, first) == [(payout_id, "sent")]
+    assert engine.record_paid(completed, second) == []  # its transfer is the one already recorded
+    assert [c[0] for c in _calls(desk, payout_id)] == ["sent", "sent"]  # both calls are on record
+    assert _ledger_keys(desk, order["id"]).count(f"sent:{payout_id}") == 1
+    assert desk.balance(ledger.agent_wallet(agent.id)) == desk.payouts(order["id"])[0].amount_cents
+
+
+def test_a_payout_settled_by_the_sweep_meanwhile_takes_the_transfer_paid_first(desk):
+    agent, buyer, order, wallet = desk.completed()
+    engine = desk.engine()
+    [completed] = desk.messages(order["id"], "order.completed")
+    calls = engine.pay_first(completed)
+    assert engine.catch_up(now=utcnow() + dt.timedelta(seconds=31)) == 1  # settled meanwhile, pending
+    [payout_id] = calls
+    assert engine.record_paid(completed, calls) == [(payout_id, "sent")]
+    [payout] = desk.payouts(order["id"])
+    assert (payout.status, payout.tx_ref) == ("sent", calls[payout_id].transfer.tx_ref)
+    assert len(desk.rail_transfers(payout_id)) == 1
+    assert _ledger_keys(desk, order["id"]).count(f"sent:{payout_id}") == 1
+
+
+def test_a_failed_first_call_is_recorded_as_a_claimed_attempt_and_retried_under_the_same_key(desk):
+    agent, buyer, order, wallet = desk.completed()
+    engine = desk.engine(faults="fail=1", payout_retry_base_seconds=0.01, payout_retry_max_seconds=0.01)
+    calls, settled = _pay_first(desk, engine, order["id"])
+    [payout] = desk.payouts(order["id"])
+    assert settled == [(payout.id, "pending")] and desk.rail_transfers(payout.id) == []
+    assert (payout.attempts, payout.destination) == (1, wallet) and "refused" in payout.last_error
+    assert [c[0] for c in _calls(desk, payout.id)] == ["failed"]
+    assert engine.send(payout.id, now=utcnow() + dt.timedelta(seconds=1)) == "sent"
+    assert [c[0] for c in _calls(desk, payout.id)] == ["failed", "sent"]
+    assert len(desk.rail_transfers(payout.id)) == 1
+
+
+def test_a_first_call_refused_for_good_fails_the_payout_at_once(desk, monkeypatch):
+    agent, buyer, order, wallet = desk.completed()
+    engine = desk.engine()
+    from services.payouts.rails import RailRejected
+
+    def refuse(*args):
+        raise RailRejected("malformed destination")
+    monkeypatch.setattr(engine.rail, "send", refuse)
+    calls, settled = _pay_first(desk, engine, order["id"])
+    [payout] = desk.payouts(order["id"])
+    assert settled == [(payout.id, "failed")] and payout.status == "failed"
+    assert payout.last_error == "malformed destination" and desk.rail_transfers(payout.id) == []
+    assert desk.balance(ledger.agent_payable(agent.id)) == payout.amount_cents  # still owed
+
+
+def test_an_unclear_first_call_is_settled_by_asking_the_rail(desk):
+    agent, buyer, order, wallet = desk.completed()
+    engine = desk.engine(faults="ambiguous=1")
+    calls, settled = _pay_first(desk, engine, order["id"])
+    [payout] = desk.payouts(order["id"])
+    assert settled == [(payout.id, "sent")] and payout.status == "sent"
+    [transfer] = desk.rail_transfers(payout.id)
+    assert _calls(desk, payout.id) == [("found", 1, transfer.tx_hash, f"payout:{payout.id}")]
+
+
+def test_a_split_without_an_agent_wallet_pays_the_refund_first_and_leaves_the_payout_to_send(desk):
+    agent, _ = desk.paid_agent(wallet=False)
+    buyer = desk.api.buyer()
+    order = desk.api.walk(agent, buyer, desk.api.order(buyer, desk.api.service(agent, "fixed", price_usd="45.00")),
+                          "disputed")
+    desk.api.ok("POST", f"/api/admin/orders/{order['id']}/resolve", ADMIN,
+                json={"outcome": "split", "agent_amount_usd": "30.00", "note": "Two thirds."})
+    engine = desk.engine()
+    calls, settled = _pay_first(desk, engine, order["id"])
+    payout, refund = desk.payouts(order["id"])
+    assert list(calls) == [refund.id]
+    assert sorted(settled) == sorted([(payout.id, None), (refund.id, "sent")])  # None: send() looks the wallet up
+    assert (refund.status, refund.amount_cents) == ("sent", 1500) and payout.status == "pending"
+    assert engine.send(payout.id) == "blocked" and desk.rail_transfers(payout.id) == []
+    assert desk.balance(ledger.escrow(order["id"])) == 0 and desk.balance(ledger.buyer_wallet(buyer.id)) == -3000
+
+
 # --- failures, blocked, admin retry -------------------------------------------------------------------
 
 def test_capped_retries_end_in_failed_visible_to_agent_and_admin_then_an_admin_retry_pays(desk):
@@ -490,7 +669,7 @@ def test_reconcile_is_quiet_when_everything_agrees_and_names_each_mismatch(desk,
     assert reconcile.main([], settings=settings) == 1
     out = capsys.readouterr().out
     assert "payout:pay_ghost" in out and "matches no payout" in out
-    assert f"the order says" in out and orders[0]["id"] in out
+    assert "the order says" in out and orders[0]["id"] in out
 
 
 def test_reconcile_names_an_unsettled_order(desk, capsys):

@@ -4,7 +4,8 @@ once at every step, and exactly once when the dust settles.
 A few settled orders (an approval, a paid order cancelled, a dispute split between the parties)
 give their events to an engine step by step, the way workers would: an event is taken (and taken
 again: the broker may deliver twice), the attempts it claimed go to the rail, or their worker dies
-first; the rail fails, times out before paying, or pays and loses the answer; beat's sweep comes
+first; or the event is paid first (its rail calls made before anything is written) and then
+recorded, or its worker dies in between; the rail fails, times out before paying, or pays and loses the answer; beat's sweep comes
 round on a clock that only moves forward and sends whatever is due, including what a dead worker
 held. After every step: no payout has more than one rail transfer, a `sent` payout has exactly
 one and its ledger record, and every ledger transaction balances. At the end, with the faults
@@ -70,6 +71,7 @@ def test_any_interleaving_moves_each_payouts_money_exactly_once(desk):
             self.messages = [m for oid in self.orders for m in desk.messages(oid) if m["event"] in SETTLING]
             self.in_flight: list[Attempt] = []  # claimed attempts whose worker has not called the rail yet
             self.by_id: list[str] = []  # payouts a settle task handed to send() by id
+            self.paid_first: list[tuple[dict, dict]] = []  # (event, rail calls) paid but not yet recorded
             self.clock = utcnow()
 
         # --- what workers do ---------------------------------------------------------------------
@@ -79,6 +81,26 @@ def test_any_interleaving_moves_each_payouts_money_exactly_once(desk):
             message = data.draw(st.sampled_from(self.messages))  # again, sometimes: duplicates
             for item in engines["answers"].take_and_claim(message):
                 (self.in_flight if isinstance(item, Attempt) else self.by_id).append(item)
+
+        @rule(data=st.data(), rail=st.sampled_from(sorted(FAULTS)))
+        def a_worker_pays_an_event_first(self, data, rail):
+            message = data.draw(st.sampled_from(self.messages))  # again, sometimes: duplicates
+            calls = engines[rail].pay_first(message)
+            if calls is not None:
+                self.paid_first.append((message, calls))
+
+        @rule(data=st.data())
+        def a_worker_records_what_it_paid_first(self, data):
+            if self.paid_first:
+                message, calls = self.paid_first.pop(data.draw(st.integers(0, len(self.paid_first) - 1)))
+                for payout_id, status in engines["answers"].record_paid(message, calls):
+                    if status is None:
+                        self.by_id.append(payout_id)
+
+        @rule(data=st.data())
+        def a_worker_dies_after_paying_first(self, data):
+            if self.paid_first:
+                self.paid_first.pop(data.draw(st.integers(0, len(self.paid_first) - 1)))
 
         @rule(data=st.data(), rail=st.sampled_from(sorted(FAULTS)))
         def a_worker_calls_the_rail(self, data, rail):

@@ -13,7 +13,7 @@ import logging
 import random
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.orm import Session
 
 from shared.db import Database, insert_or_skip, isoformat, utcnow
@@ -23,7 +23,7 @@ from shared.settings import Settings
 
 from . import ledger
 from .models import Payout, ProcessedEvent, RailCall, SyncState, rail_key
-from .rails import PayoutRail, RailAmbiguous, RailError, RailRejected, RailUnavailable
+from .rails import PayoutRail, RailAmbiguous, RailError, RailRejected, RailUnavailable, Transfer
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,20 @@ class Attempt:
     destination: str
     amount_cents: int
     chain: str | None
+
+
+@dataclass(frozen=True)
+class Call:
+    """A rail call made before anything about it was recorded (a settlement paid first)."""
+    key: str
+    destination: str
+    chain: str | None
+    amount_cents: int
+    outcome: str  # as RailCall.outcome
+    transfer: Transfer | None
+    error: str | None
+    started_at: dt.datetime
+    finished_at: dt.datetime
 
 
 @dataclass
@@ -77,6 +91,68 @@ class Engine:
             leased_until = now + dt.timedelta(seconds=lease_seconds(self.settings)) if claim else None
             return [_attempt(session, row, now) if row["attempts"] else row["id"]
                     for row in settle(session, data, now, leased_until)]
+
+    def pay_first(self, message: dict) -> dict[str, Call] | None:
+        """The rail calls of a settling event, made before anything is written: one per payout
+        whose destination the event names. None when the event takes the recorded way instead
+        (a payment, no destination named, the event or its payouts seen before). Safe because
+        every call carries the payout's key: a call made twice, or made by a worker that died
+        before recording it, is still one transfer, recorded by whoever records it next."""
+        if message["event"] == "order.paid":
+            return None
+        due = [p for p in _dues(message.get("data") or {}) if p["destination"]]
+        if not due or self._seen(message["id"], [p["id"] for p in due]):
+            return None
+        calls = {}
+        for payout in due:
+            key, started = rail_key(payout["id"]), utcnow()
+            outcome, transfer, error = self._call_rail(key, payout["destination"], payout["amount_cents"],
+                                                       payout["chain"])
+            calls[payout["id"]] = Call(key, payout["destination"], payout["chain"], payout["amount_cents"],
+                                       outcome, transfer, error, started, utcnow())
+        return calls
+
+    def record_paid(self, message: dict, calls: dict[str, Call]) -> list[tuple[str, str | None]]:
+        """Record a settling event and the calls pay_first made for it, in one transaction: the
+        settlement, each payout (sent already if its transfer was made), each call, and the `sent:`
+        postings. A call that did not pay goes on as a claimed attempt that ended so (retried
+        later, or failed). Returns each payout with its status now, or None for one still to send
+        (its wallet is looked up then). Had the order been settled by another worker meanwhile, the
+        transfers are recorded against its payouts."""
+        now = utcnow()
+        leased_until = now + dt.timedelta(seconds=lease_seconds(self.settings))
+        unfinished, results, finished = [], [], []
+        with self.db.transaction() as session:
+            created = {}
+            if _first_taking(session, message["id"]):
+                rows = settle(session, message["data"], now, leased_until, paid=calls)
+                created = {row["id"]: row for row in rows}
+            for row in created.values():
+                if row["id"] not in calls:
+                    results.append((row["id"], None if row["attempts"] == 0 else row["status"]))
+            for payout_id, call in calls.items():
+                row = created.get(payout_id)
+                if row is None:  # another worker settled it: its payout takes this call's transfer
+                    finished.append(_call_row(payout_id, call, finished=True))
+                    if call.transfer is not None and record_sent(session, payout_id, call.transfer.tx_ref, now):
+                        results.append((payout_id, "sent"))
+                elif call.transfer is not None:
+                    finished.append(_call_row(payout_id, call, finished=True))
+                    results.append((payout_id, "sent"))
+                else:  # finished below, as any claimed attempt is
+                    call_id = session.scalar(RailCall.__table__.insert().values(
+                        **_call_row(payout_id, call, finished=False)).returning(RailCall.__table__.c.id))
+                    unfinished.append((payout_id, call_id, call))
+            if finished:
+                session.execute(RailCall.__table__.insert(), finished)
+        for payout_id, call_id, call in unfinished:
+            results.append((payout_id, self._finish(payout_id, call_id, call.outcome, None, call.error)))
+        return results
+
+    def _seen(self, event_id: str, payout_ids: list[str]) -> bool:
+        """Whether the event was taken, or any of its payouts recorded, already."""
+        with self.db.read_sessionmaker() as session:
+            return session.execute(_SEEN, {"event_id": event_id, "payout_ids": payout_ids}).first() is not None
 
     def catch_up(self, grace_seconds: float = 30.0, overlap_seconds: float = 120.0, page: int = 500,
                  now: dt.datetime | None = None) -> int:
@@ -160,21 +236,26 @@ class Engine:
 
     def transfer(self, attempt: Attempt) -> str:
         """Make a claimed attempt's rail call (outside any transaction) and record how it went."""
-        outcome, transfer, error = "sent", None, None
-        try:
-            transfer = self.rail.send(attempt.key, attempt.destination, attempt.amount_cents, attempt.chain)
-        except RailAmbiguous as exc:
-            error = str(exc)
-            try:
-                transfer = self.rail.lookup(attempt.key)
-                outcome = "found" if transfer else "ambiguous"
-            except RailError as lookup_exc:
-                outcome, error = "ambiguous", f"{exc}; asking the rail failed: {lookup_exc}"
-        except RailRejected as exc:
-            outcome, error = "rejected", str(exc)
-        except RailUnavailable as exc:
-            outcome, error = "failed", str(exc)
+        outcome, transfer, error = self._call_rail(attempt.key, attempt.destination, attempt.amount_cents,
+                                                   attempt.chain)
         return self._finish(attempt.payout_id, attempt.call_id, outcome, transfer, error)
+
+    def _call_rail(self, key: str, destination: str, amount_cents: int,
+                   chain: str | None) -> tuple[str, Transfer | None, str | None]:
+        """One rail call: its outcome (as RailCall.outcome), the transfer if one was made, the error.
+        An unclear answer is settled by asking the rail about the key."""
+        try:
+            return "sent", self.rail.send(key, destination, amount_cents, chain), None
+        except RailAmbiguous as exc:
+            try:
+                transfer = self.rail.lookup(key)
+            except RailError as lookup_exc:
+                return "ambiguous", None, f"{exc}; asking the rail failed: {lookup_exc}"
+            return ("found" if transfer else "ambiguous"), transfer, str(exc)
+        except RailRejected as exc:
+            return "rejected", None, str(exc)
+        except RailUnavailable as exc:
+            return "failed", None, str(exc)
 
     def _finish(self, payout_id: str, call_id: int, outcome: str, transfer, error: str | None) -> str:
         now = utcnow()
@@ -302,6 +383,8 @@ def settled_pages(orders: InternalClient, since: dt.datetime, page: int = 500):
 
 # --- recording (inside a transaction) ----------------------------------------------------------
 
+_SEEN = (select(ProcessedEvent.id).where(ProcessedEvent.id == bindparam("event_id"))
+         .union_all(select(Payout.id).where(Payout.id.in_(bindparam("payout_ids", expanding=True)))).limit(1))
 _TAKE = insert_or_skip(ProcessedEvent.__table__, ("id", "processed_at"), "id", ("id",))
 
 
@@ -321,46 +404,77 @@ def _attempt(session: Session, payout: dict, now: dt.datetime) -> Attempt:
 
 def fund(session: Session, order_id: str, wallet: str, held_cents: int) -> None:
     """The buyer's payment now sits in the order's escrow."""
-    ledger.post(session, f"fund:{order_id}", order_id, "fund",
-                {ledger.buyer_wallet(wallet): -held_cents, ledger.escrow(order_id): held_cents})
+    ledger.post(session, *_fund_posting(order_id, wallet, held_cents))
+
+
+def _fund_posting(order_id: str, wallet: str, held_cents: int) -> tuple:
+    return (f"fund:{order_id}", order_id, "fund",
+            {ledger.buyer_wallet(wallet): -held_cents, ledger.escrow(order_id): held_cents})
 
 
 def settle(session: Session, data: dict, now: dt.datetime | None = None,
-           leased_until: dt.datetime | None = None) -> list[dict]:
+           leased_until: dt.datetime | None = None, paid: dict[str, Call] | None = None) -> list[dict]:
     """Empty the order's escrow into what is owed (agent, platform fee, buyer) and create the
     payout rows, once per order. Returns the payouts created now (their rows' values). With
     `leased_until`, a payout whose destination the event names (a refund's buyer wallet; the
-    agent's payout wallet as of the completion) is created with its first attempt claimed."""
+    agent's payout wallet as of the completion) is created with its first attempt claimed; with
+    `paid`, the calls made for it already: a payout whose transfer was made is created sent, its
+    `sent:` transaction posted with the settlement's. (Had the order been settled before, that
+    posting is the very one record_sent makes when it marks the existing payout sent.)"""
     order_id, wallet = data["order_id"], data["client_wallet"]
     held = parse_usd(data["held_usd"])
-    fund(session, order_id, wallet, held)  # the paid event may still be on its way
     now = now or utcnow()
     entries = {ledger.escrow(order_id): -held}
-    # the orders service created them pending: that much it knows already
-    new = {"order_id": order_id, "status": "pending", "attempts": 0, "version": 1, "reported_version": 1,
-           "created_at": now, "updated_at": now, "next_attempt_at": None, "agent_id": None}
-    payouts = []
-    if due := data.get("payout_due"):
-        net, fee = parse_usd(due["amount_usd"]), parse_usd(due["fee_usd"])
-        entries[ledger.agent_payable(due["agent_id"])] = net
-        entries[ledger.PLATFORM_FEES] = fee
-        payouts.append({**new, "id": due["id"], "kind": "payout", "agent_id": due["agent_id"], "amount_cents": net,
-                        "fee_cents": fee, "destination": due.get("wallet"), "chain": due.get("chain")})
-    if due := data.get("refund_due"):
-        amount = parse_usd(due["amount_usd"])
-        entries[ledger.buyer_refunds(wallet)] = amount
-        payouts.append({**new, "id": due["id"], "kind": "refund", "amount_cents": amount, "fee_cents": 0,
-                        "destination": due["wallet"], "chain": due["chain"]})
-    if not ledger.post(session, f"settle:{order_id}", order_id, "settle", entries):
-        return []  # settled before, or by a duplicate message just now
+    payouts = _dues(data)
     for payout in payouts:
-        if leased_until is not None and payout["destination"]:
+        if payout["kind"] == "payout":
+            entries[ledger.agent_payable(payout["agent_id"])] = payout["amount_cents"]
+            entries[ledger.PLATFORM_FEES] = payout["fee_cents"]
+        else:
+            entries[ledger.buyer_refunds(wallet)] = payout["amount_cents"]
+        payout.update(created_at=now, updated_at=now)
+        call = paid.get(payout["id"]) if paid else None
+        if call is not None and call.transfer is not None:  # a change the orders service has yet to hear
+            payout.update(attempts=1, status="sent", tx_ref=call.transfer.tx_ref, sent_at=now, version=2)
+        elif (call is not None or leased_until is not None) and payout["destination"]:
             payout.update(attempts=1, next_attempt_at=leased_until)
         elif payout["kind"] == "payout":  # the wallet is looked up when the payout is sent
             payout.update(destination=None, chain=None)
+    # the paid event may still be on its way: its posting is made here if it is not there yet
+    postings = [_fund_posting(order_id, wallet, held), (f"settle:{order_id}", order_id, "settle", entries)]
+    postings += [_sent_posting(payout) for payout in payouts if payout["status"] == "sent"]
+    if f"settle:{order_id}" not in ledger.post_many(session, postings):
+        return []  # settled before, or by a duplicate message just now
     if payouts:
         session.execute(Payout.__table__.insert(), payouts)
     return payouts
+
+
+def _dues(data: dict) -> list[dict]:
+    """The payout rows a settlement event asks for (the orders service created them pending, so
+    that much it knows already), each with the destination the event names, if any."""
+    new = {"order_id": data["order_id"], "status": "pending", "attempts": 0, "version": 1, "reported_version": 1,
+           "next_attempt_at": None, "agent_id": None, "tx_ref": None, "sent_at": None}
+    payouts = []
+    if due := data.get("payout_due"):
+        payouts.append({**new, "id": due["id"], "kind": "payout", "agent_id": due["agent_id"],
+                        "amount_cents": parse_usd(due["amount_usd"]), "fee_cents": parse_usd(due["fee_usd"]),
+                        "destination": due.get("wallet"), "chain": due.get("chain")})
+    if due := data.get("refund_due"):
+        payouts.append({**new, "id": due["id"], "kind": "refund", "amount_cents": parse_usd(due["amount_usd"]),
+                        "fee_cents": 0, "destination": due["wallet"], "chain": due["chain"]})
+    return payouts
+
+
+def _call_row(payout_id: str, call: Call, finished: bool) -> dict:
+    """A call pay_first made, as its rail_calls row: finished, or as a claimed attempt's call
+    that _finish will close."""
+    row = {"payout_id": payout_id, "idempotency_key": call.key, "attempt": 1, "started_at": call.started_at,
+           "outcome": "started", "error": None, "finished_at": None, "tx_ref": None}
+    if finished:
+        row.update(outcome=call.outcome, error=call.error, finished_at=call.finished_at,
+                   tx_ref=call.transfer.tx_ref if call.transfer else None)
+    return row
 
 
 def record_sent(session: Session, payout_id: str, tx_ref: str, now: dt.datetime) -> bool:
@@ -369,17 +483,21 @@ def record_sent(session: Session, payout_id: str, tx_ref: str, now: dt.datetime)
     table = Payout.__table__
     payout = session.execute(update(table).where(table.c.id == payout_id, table.c.status != "sent").values(
         status="sent", tx_ref=tx_ref, sent_at=now, next_attempt_at=None, last_error=None, updated_at=now,
-        version=table.c.version + 1).returning(table.c.kind, table.c.agent_id, table.c.destination,
+        version=table.c.version + 1).returning(table.c.id, table.c.kind, table.c.agent_id, table.c.destination,
                                                table.c.amount_cents, table.c.order_id)).first()
     if payout is None:
         return False
-    if payout.kind == "payout":
-        owed, paid = ledger.agent_payable(payout.agent_id), ledger.agent_wallet(payout.agent_id)
-    else:
-        owed, paid = ledger.buyer_refunds(payout.destination), ledger.buyer_wallet(payout.destination)
-    ledger.post(session, f"sent:{payout_id}", payout.order_id, "sent",
-                {owed: -payout.amount_cents, paid: payout.amount_cents})
+    ledger.post(session, *_sent_posting(payout._mapping))
     return True
+
+
+def _sent_posting(payout) -> tuple:
+    """The `sent:` transaction of a payout marked sent: what was owed is paid out."""
+    if payout["kind"] == "payout":
+        owed, paid = ledger.agent_payable(payout["agent_id"]), ledger.agent_wallet(payout["agent_id"])
+    else:
+        owed, paid = ledger.buyer_refunds(payout["destination"]), ledger.buyer_wallet(payout["destination"])
+    return (f"sent:{payout['id']}", payout["order_id"], "sent", {owed: -payout["amount_cents"], paid: payout["amount_cents"]})
 
 
 def backoff(attempt: int, settings: Settings) -> float:

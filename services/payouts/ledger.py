@@ -13,7 +13,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shared.db import insert_or_skip, utcnow
+from shared.db import insert_or_skip, row_params, utcnow
 
 from .models import LedgerEntry, LedgerTransaction
 
@@ -40,7 +40,8 @@ def agent_wallet(agent_id: str) -> str:
     return f"external:agent:{agent_id}"
 
 
-_RECORD = insert_or_skip(LedgerTransaction.__table__, ("key", "order_id", "kind", "created_at"), "key", ("id",))
+_COLUMNS = ("key", "order_id", "kind", "created_at")
+_RECORD = {1: insert_or_skip(LedgerTransaction.__table__, _COLUMNS, "key", ("id", "key"))}
 
 
 def exists(session: Session, key: str) -> bool:
@@ -50,16 +51,28 @@ def exists(session: Session, key: str) -> bool:
 def post(session: Session, key: str, order_id: str, kind: str, entries: dict[str, int]) -> bool:
     """Record a balanced transaction once: False if `key` is already recorded (by anyone; a
     concurrent recording of the same key is waited for, and then stands)."""
-    entries = {account: cents for account, cents in entries.items() if cents}
-    if sum(entries.values()) != 0:
-        raise ValueError(f"ledger transaction {key} does not balance: {entries}")
-    transaction_id = session.scalar(_RECORD, {"key": key, "order_id": order_id, "kind": kind, "created_at": utcnow()})
-    if transaction_id is None:
-        return False
-    session.execute(LedgerEntry.__table__.insert(), [
-        {"transaction_id": transaction_id, "account": account, "amount_cents": cents}
-        for account, cents in entries.items()])
-    return True
+    return key in post_many(session, [(key, order_id, kind, entries)])
+
+
+def post_many(session: Session, postings: list[tuple[str, str, str, dict[str, int]]]) -> set[str]:
+    """post() for several transactions (key, order_id, kind, entries) in two statements; returns
+    the keys recorded now (those already recorded are left as they are)."""
+    rows, entries_of, now = [], {}, utcnow()
+    for key, order_id, kind, entries in postings:
+        entries = {account: cents for account, cents in entries.items() if cents}
+        if sum(entries.values()) != 0:
+            raise ValueError(f"ledger transaction {key} does not balance: {entries}")
+        rows.append({"key": key, "order_id": order_id, "kind": kind, "created_at": now})
+        entries_of[key] = entries
+    if len(rows) not in _RECORD:
+        _RECORD[len(rows)] = insert_or_skip(LedgerTransaction.__table__, _COLUMNS, "key", ("id", "key"), len(rows))
+    params = rows[0] if len(rows) == 1 else row_params(rows)
+    recorded = {key: transaction_id for transaction_id, key in session.execute(_RECORD[len(rows)], params)}
+    lines = [{"transaction_id": transaction_id, "account": account, "amount_cents": cents}
+             for key, transaction_id in recorded.items() for account, cents in entries_of[key].items()]
+    if lines:
+        session.execute(LedgerEntry.__table__.insert(), lines)
+    return set(recorded)
 
 
 def balance(session: Session, account: str) -> int:

@@ -43,8 +43,19 @@ def _send_later(payout_id: str, countdown: float | None = None) -> None:
 @app.task(name="payouts.settle_order", acks_late=True)
 def settle_order(message: dict) -> list[str]:
     """An order event: fund the escrow (paid), or settle the order (completed, cancelled) and
-    send what it owes right here, without another trip through the queue."""
+    send what it owes right here, without another trip through the queue. What the event names a
+    destination for is paid first and recorded after, in one transaction with the settlement;
+    anything else takes the recorded way (settle and claim, then the rail)."""
     e = engine()
+    calls = e.pay_first(message)
+    if calls is not None:
+        settled = e.record_paid(message, calls)
+        for payout_id, status in settled:
+            if status is None:
+                attempt(e, payout_id)
+            else:
+                followed_up(e, payout_id, status)
+        return [payout_id for payout_id, _ in settled]
     due = e.take_and_claim(message)
     for item in due:
         if isinstance(item, Attempt):  # claimed with the settlement: straight to the rail
