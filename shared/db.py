@@ -138,6 +138,9 @@ class Database:
         if self.is_postgres:
             options["isolation_level"] = "AUTOCOMMIT"
         self.read_sessionmaker = sessionmaker(self.engine.execution_options(**options), expire_on_commit=False)
+        # a write that is one statement is atomic by itself: on PostgreSQL it needs no BEGIN/COMMIT
+        single = {"isolation_level": "AUTOCOMMIT"} if self.is_postgres else {}
+        self._statement_sessionmaker = sessionmaker(self.engine.execution_options(**single), expire_on_commit=False)
 
     @property
     def is_postgres(self) -> bool:
@@ -157,6 +160,21 @@ class Database:
         finally:
             session.close()
         _run_after_commit(session)
+
+    @contextmanager
+    def statement(self) -> Iterator[Session]:
+        """For a write that is a single statement, atomic by itself (an INSERT … ON CONFLICT, a
+        conditional UPDATE): on PostgreSQL it runs in autocommit, durable once the statement
+        returns, without the BEGIN and COMMIT round trips; on SQLite it is a transaction."""
+        session = self._statement_sessionmaker()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
 
     # Flask wiring: one session per request, committed only for a successful response.
     def init_app(self, app: Flask, on_commit_error: Callable[[Exception], object]) -> None:

@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import json
 import secrets
+from functools import lru_cache
 
 from flask import Blueprint as FlaskBlueprint, Response, current_app, g, request, send_file
 from flask_smorest import Blueprint
@@ -580,9 +581,14 @@ def internal_order(order_id):
                "agent_id": order.agent_id, "paid": order.paid_at is not None})
 
 
+@lru_cache(maxsize=None)
+def _schema(schema: type):
+    return schema()  # loading keeps no state on the instance: one per class serves every request
+
+
 def _load(schema: type, data) -> dict:
     try:
-        return schema().load(data if data is not None else {})
+        return _schema(schema).load(data if data is not None else {})
     except MarshmallowValidationError as exc:
         raise errors.ValidationError("The request is not valid.", {"fields": exc.normalized_messages()}) from None
 
@@ -624,9 +630,11 @@ def internal_settlement_report(order_id):
 def internal_rail_send():
     """The sandbox payout rail: one transfer per idempotency key, ever; a repeat returns the first."""
     data = _load(s.RailTransferIn, request.get_json(silent=True))
-    transfer = rail_transfer(_db(), data["idempotency_key"], destination_for(data["chain"], _rt().settings),
-                             data["to"], data["amount_cents"], data["asset"], data["chain"])
-    return ok(_rail_record(transfer), 201)
+    # one INSERT … ON CONFLICT (and, for a repeated key, one read): no transaction around it
+    with current_app.extensions["db"].statement() as session:
+        transfer = rail_transfer(session, data["idempotency_key"], destination_for(data["chain"], _rt().settings),
+                                 data["to"], data["amount_cents"], data["asset"], data["chain"])
+        return ok(_rail_record(transfer), 201)
 
 
 @internal.get("/sandbox/rail/<path:key>")
