@@ -126,11 +126,9 @@ class Tables(Reader):
     def timeline(self, order_ids: list[str]) -> dict[str, dict]:
         """Per order, the path's timestamps (all from this machine's clock, UTC)."""
         rows = self.conn.execute("""
-            SELECT p.order_id, e.created_at, e.published_at, pe.processed_at, p.created_at,
-                   rc.started_at, st.created_at, rc.finished_at, p.sent_at
+            SELECT p.order_id, e.created_at, e.published_at, rc.started_at, st.created_at, rc.finished_at, p.sent_at
             FROM payouts p
             JOIN outbox_events e ON e.order_id = p.order_id AND e.event = 'order.completed'
-            LEFT JOIN payouts_processed_events pe ON pe.id = e.id
             LEFT JOIN rail_calls rc ON rc.payout_id = p.id AND rc.attempt = 1
             LEFT JOIN sandbox_transfers st ON st.idempotency_key = 'payout:' || p.id
             WHERE p.kind = 'payout' AND p.order_id = ANY(%s)
@@ -138,19 +136,18 @@ class Tables(Reader):
         return {r[0]: dict(zip(MARKS, r[1:])) for r in rows}
 
 
-# The timestamps timeline() reads, in path order (its columns' order); labels for the report.
-MARKS = ("event_created", "published", "settle_started", "payout_created", "send_started",
-         "transfer_recorded", "rail_answered", "sent")
+# The timestamps timeline() reads, in path order (its columns' order); labels for the report. The
+# path is the one of a payout whose destination the completion names: the rail is called first,
+# then the settlement, the payout (sent) and the call are recorded in one transaction.
+MARKS = ("event_created", "published", "send_started", "transfer_recorded", "rail_answered", "sent")
 MARK_LABELS = {
     "event_created": "order.completed written (approve's transaction)",
     "answered": "approve answered 200 at the client",
     "published": "outbox row marked published (relay task)",
-    "settle_started": "payouts.settle_order started",
-    "payout_created": "payout row created (settle's ledger entry)",
-    "send_started": "first attempt claimed (rail_calls.started_at)",
+    "send_started": "rail called (rail_calls.started_at)",
     "transfer_recorded": "sandbox rail recorded the transfer (orders)",
     "rail_answered": "rail answer taken (rail_calls.finished_at)",
-    "sent": "payout sent (payouts.sent_at, before commit)",
+    "sent": "recording began (payouts.sent_at)",
     "observed": "seen `sent` by the client's poll",
 }
 
