@@ -12,7 +12,9 @@ from shared.settings import Settings
 
 class DuplicatingCelery(Celery):
     """A test fault (`FAULT_DUPLICATE_MESSAGES`): every message is published twice, as a broker
-    may redeliver it. Consumers must not care."""
+    may redeliver it. Consumers must not care. (The outbox's own publisher reads `duplicates`.)"""
+
+    duplicates = True
 
     def send_task(self, *args, **kwargs):
         super().send_task(*args, **kwargs)

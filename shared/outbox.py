@@ -8,6 +8,7 @@ from sqlalchemy import JSON, Index, Integer, String, select
 from sqlalchemy.orm import Mapped, Session, declared_attr, mapped_column
 
 from shared import events, logs
+from shared.broker import Publisher, Task
 from shared.db import UTCDateTime, after_commit, isoformat, utcnow
 from shared.ids import new_id
 
@@ -47,6 +48,8 @@ class Outbox:
         self.celery = celery_app
         self.db = database
         self.relay_task = relay_task
+        copies = 2 if getattr(celery_app, "duplicates", False) else 1  # the FAULT_DUPLICATE_MESSAGES test fault
+        self.publisher = Publisher(celery_app.conf.broker_url, copies=copies)
 
     def record(self, session: Session, event: str, data: dict, order_id: str | None = None,
                sequence: int = 0) -> None:
@@ -59,30 +62,34 @@ class Outbox:
         pending.append(row)
 
     def _hand_off(self, rows: list) -> None:
-        """Publish a committed transaction's events to their consumers at once (no relay hop on
-        the way to them), then ask the relay to mark them published; a service with no relay task
-        (`relay_task=None`) marks them here. If this process dies in between, the sweep publishes
-        them again: consumers are idempotent by event id."""
         if self.relay_task is None:
             try:
                 self.relay([row.id for row in rows])
             except Exception:  # the sweep publishes whatever this missed
                 log.warning("relaying events after commit failed; the sweep will", exc_info=True)
             return
+        self.hand_off([row.message() for row in rows])
+
+    def hand_off(self, messages: list[dict]) -> None:
+        """Publish committed events (their messages, as OutboxMixin.message makes them) to their
+        consumers at once (no relay hop on the way to them), with the message that asks the relay
+        to mark them published, all in one round trip to the broker. (A service with no relay
+        task marks them itself, right after the commit.) If this process dies in between, the
+        sweep publishes them again: consumers are idempotent by event id."""
+        tasks = [task for message in messages for task in self._tasks(message)]
+        tasks.append(Task(self.relay_task, "default", [[m["id"] for m in messages]], {"published": True},
+                          headers={"request_id": logs.request_id.get()}))
         try:
-            with self.celery.producer_or_acquire() as producer:
-                for row in rows:
-                    self._publish(row, producer)
-                self.celery.send_task(self.relay_task, args=[[row.id for row in rows]], kwargs={"published": True},
-                                      queue="default", producer=producer)
+            self.publisher.publish(tasks)
         except Exception:  # the beat sweep publishes whatever this missed
             log.warning("outbox hand-off after commit failed; the sweep will relay", exc_info=True)
 
-    def _publish(self, row, producer) -> None:
-        message = row.message()
-        for sub in events.consumers(row.event, row.data):
-            self.celery.send_task(sub.task, args=[message], queue=sub.queue, producer=producer,
-                                  task_id=f"{row.id}:{sub.task}", headers={"request_id": row.request_id})
+    def _tasks(self, message: dict) -> list[Task]:
+        """The tasks that publish one event: one per consumer, with an id made of the event's,
+        so a consumer can tell a copy from a new event."""
+        headers = {"request_id": message["request_id"] or logs.request_id.get()}
+        return [Task(sub.task, sub.queue, [message], id=f"{message['id']}:{sub.task}", headers=headers)
+                for sub in events.consumers(message["event"], message["data"])]
 
     def relay(self, ids: list[str] | None = None, limit: int = 200, published: bool = False) -> int:
         """Publish unpublished events (these ids, or the oldest) to their consumers; mark them published.
@@ -98,10 +105,8 @@ class Outbox:
             if self.db.is_postgres:
                 query = query.with_for_update(skip_locked=True)
             rows = session.scalars(query).all()
-            if not published:
-                with self.celery.producer_or_acquire() as producer:  # one pooled connection for the batch
-                    for row in rows:
-                        self._publish(row, producer)
+            if not published and rows:
+                self.publisher.publish([task for row in rows for task in self._tasks(row.message())])  # one round trip
             now = utcnow()
             for row in rows:
                 row.attempts += 1
