@@ -22,12 +22,27 @@ from .models import Order
 log = logging.getLogger(__name__)
 TTL_SECONDS = 600
 
+# a version held with no views (a change made outside the ORM dropped them) is filled by the
+# first reader of that version or later
 _STORE = """
 local current = redis.call('HGET', KEYS[1], 'version')
-if current and tonumber(current) >= tonumber(ARGV[1]) then return 0 end
+if current and tonumber(current) > tonumber(ARGV[1]) then return 0 end
+if current and tonumber(current) == tonumber(ARGV[1]) and redis.call('HEXISTS', KEYS[1], 'buyer') == 1 then
+  return 0
+end
 redis.call('HSET', KEYS[1], 'version', ARGV[1], 'client_wallet', ARGV[2], 'agent_id', ARGV[3],
            'buyer', ARGV[4], 'agent', ARGV[5], 'admin', ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
+return 1
+"""
+
+# drop an order's views and hold its new version, so no reader can put back an older one
+_DROP = """
+local current = redis.call('HGET', KEYS[1], 'version')
+if current and tonumber(current) >= tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'version', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
@@ -46,6 +61,7 @@ class OrderViews:
         self.client = client
         self.links = links
         self._store = client.register_script(_STORE)
+        self._drop = client.register_script(_DROP)
 
     def fetch(self, order_id: str, caller: Caller) -> bytes | None:
         """The caller's view as JSON bytes, STRANGER if they may not see it, None on a miss.
@@ -86,6 +102,24 @@ class OrderViews:
                 self.client.delete(_key(order_id))
             except redis.RedisError:
                 pass
+
+    def forget(self, order_id: str) -> None:
+        """Drop an order's views before a change made outside the ORM (services/orders/oneshot.py):
+        should this process die before drop(), readers go to the database meanwhile."""
+        self._forget([order_id])
+
+    def drop(self, order_id: str, status: str, version: int) -> None:
+        """After such a change committed: drop the views again, holding the new version so that
+        no slower reader can put back an older view, and announce the change. The next read of
+        the new version renders and stores the views."""
+        news = json.dumps({"order_id": order_id, "status": status, "version": version})
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                self._drop(keys=[_key(order_id)], args=[version, TTL_SECONDS], client=pipe)
+                pipe.publish(CHANGES_CHANNEL, news)
+                pipe.execute()
+        except redis.RedisError:  # views of an older version may be served until they expire
+            log.error("could not drop the cached views of %s after a change", order_id, exc_info=True)
 
     def _forget(self, order_ids: list[str]) -> None:
         try:
