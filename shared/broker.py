@@ -67,11 +67,13 @@ class Publisher:
         self.client = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=2)
         self.copies = copies
 
-    def publish(self, tasks: list[Task]) -> None:
-        """Send the tasks' messages. Raises redis.RedisError if the broker is out of reach; some
-        of them may have gone out by then."""
+    def publish(self, tasks: list[Task], also=None) -> None:
+        """Send the tasks' messages (and whatever `also(pipeline)` adds to the round trip).
+        Raises redis.RedisError if the broker is out of reach; some may have gone out by then."""
         with self.client.pipeline(transaction=False) as pipe:
             for task in tasks:
                 for _ in range(self.copies):
                     pipe.lpush(task.queue, task_message(task))
+            if also is not None:
+                also(pipe)
             pipe.execute()

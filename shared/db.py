@@ -11,8 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+import psycopg
 from flask import Flask, g, request
+from psycopg.rows import dict_row
 from sqlalchemy import DateTime, Table, bindparam, create_engine, event, text
+from sqlalchemy import exc as exc_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -141,6 +144,7 @@ class Database:
         # a write that is one statement is atomic by itself: on PostgreSQL it needs no BEGIN/COMMIT
         single = {"isolation_level": "AUTOCOMMIT"} if self.is_postgres else {}
         self._statement_sessionmaker = sessionmaker(self.engine.execution_options(**single), expire_on_commit=False)
+        self._driver_sql: dict = {}  # row_of's statements, compiled for the driver
 
     @property
     def is_postgres(self) -> bool:
@@ -175,6 +179,34 @@ class Database:
             raise
         finally:
             session.close()
+
+    def row_of(self, statement, params: dict) -> dict | None:
+        """Run one statement (a text() whose work is all in itself) in autocommit on a pooled
+        PostgreSQL connection straight through the driver, and return its first row as a dict.
+        For the hottest writes: without a Session or a result object this costs about half as
+        much client time as statement(). The driver's errors come out as SQLAlchemy's (an
+        IntegrityError, or an OperationalError once the dropped connection is discarded)."""
+        sql = self._driver_sql.get(statement)
+        if sql is None:
+            sql = self._driver_sql[statement] = str(statement.compile(dialect=self.engine.dialect))
+        fairy = self.engine.raw_connection()
+        try:
+            driver = fairy.driver_connection
+            driver.autocommit = True
+            try:
+                with driver.cursor(row_factory=dict_row) as cursor:
+                    cursor.execute(sql, params, prepare=True)
+                    return cursor.fetchone()
+            finally:
+                if not driver.closed:
+                    driver.autocommit = False
+        except psycopg.IntegrityError as exc:
+            raise exc_.IntegrityError(sql, params, exc) from exc
+        except psycopg.OperationalError as exc:
+            fairy.invalidate(exc)
+            raise exc_.OperationalError(sql, params, exc) from exc
+        finally:
+            fairy.close()
 
     # Flask wiring: one session per request, committed only for a successful response.
     def init_app(self, app: Flask, on_commit_error: Callable[[Exception], object]) -> None:

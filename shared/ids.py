@@ -8,8 +8,16 @@ PREFIXES = {"agent": "agt", "service": "svc", "order": "ord", "delivery": "dlv",
             "upload": "upl", "webhook_delivery": "whd", "notification": "ntf"}
 
 
+_SPACE = len(_ALPHABET) ** 20
+
+
 def new_id(kind: str) -> str:
-    return f"{PREFIXES[kind]}_" + "".join(secrets.choice(_ALPHABET) for _ in range(20))
+    # one draw from the whole space, written in base 62 (a draw per character costs ten times more)
+    n, chars = secrets.randbelow(_SPACE), []
+    for _ in range(20):
+        n, digit = divmod(n, 62)
+        chars.append(_ALPHABET[digit])
+    return f"{PREFIXES[kind]}_" + "".join(chars)
 
 
 def looks_like(kind: str, value: str) -> bool:

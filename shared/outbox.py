@@ -70,17 +70,18 @@ class Outbox:
             return
         self.hand_off([row.message() for row in rows])
 
-    def hand_off(self, messages: list[dict]) -> None:
+    def hand_off(self, messages: list[dict], also=None) -> None:
         """Publish committed events (their messages, as OutboxMixin.message makes them) to their
         consumers at once (no relay hop on the way to them), with the message that asks the relay
         to mark them published, all in one round trip to the broker. (A service with no relay
         task marks them itself, right after the commit.) If this process dies in between, the
-        sweep publishes them again: consumers are idempotent by event id."""
+        sweep publishes them again: consumers are idempotent by event id. `also(pipeline)` may add
+        commands of its own to the same round trip (the broker is the services' Redis)."""
         tasks = [task for message in messages for task in self._tasks(message)]
         tasks.append(Task(self.relay_task, "default", [[m["id"] for m in messages]], {"published": True},
                           headers={"request_id": logs.request_id.get()}))
         try:
-            self.publisher.publish(tasks)
+            self.publisher.publish(tasks, also)
         except Exception:  # the beat sweep publishes whatever this missed
             log.warning("outbox hand-off after commit failed; the sweep will relay", exc_info=True)
 

@@ -10,6 +10,7 @@ import threading
 import pytest
 import redis
 from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from services.orders import oneshot, present
 from services.orders.cache import OrderViews
@@ -196,3 +197,16 @@ def test_a_slower_reader_cannot_put_back_a_view_older_than_a_drop(app, api, redi
         views.store(order, old_full)  # a reader that read before it, storing late
     assert views.fetch(oid, Caller("buyer", buyer.id)) is None  # a miss: the reader goes to the database
     assert api.ok("GET", f"/api/orders/{oid}", buyer)["id"] == oid  # (the order did not really change here)
+
+
+def test_the_driver_path_speaks_sqlalchemys_errors_and_drops_a_dead_connection(db):
+    if not db.is_postgres:
+        pytest.skip("Database.row_of is the PostgreSQL driver's path; SQLite approvals never take it")
+    assert db.row_of(text("SELECT :x AS x, 'a%b' AS y"), {"x": 5}) == {"x": 5, "y": "a%b"}
+    with pytest.raises(IntegrityError):  # as the general way's errors are, so the app answers 409
+        db.row_of(text("INSERT INTO payouts_processed_events (id, processed_at) VALUES ('e', now()), ('e', now()) "
+                       "RETURNING id"), {})
+    with pytest.raises(OperationalError):  # the app answers 503
+        db.row_of(text("SELECT pg_terminate_backend(pg_backend_pid())"), {})
+    for _ in range(12):  # every pooled connection still works: the dead one was discarded
+        assert db.row_of(text("SELECT 1 AS one"), {}) == {"one": 1}

@@ -61,7 +61,6 @@ class OrderViews:
         self.client = client
         self.links = links
         self._store = client.register_script(_STORE)
-        self._drop = client.register_script(_DROP)
 
     def fetch(self, order_id: str, caller: Caller) -> bytes | None:
         """The caller's view as JSON bytes, STRANGER if they may not see it, None on a miss.
@@ -108,16 +107,21 @@ class OrderViews:
         should this process die before drop(), readers go to the database meanwhile."""
         self._forget([order_id])
 
-    def drop(self, order_id: str, status: str, version: int) -> None:
+    def drop(self, order_id: str, status: str, version: int, pipe=None) -> None:
         """After such a change committed: drop the views again, holding the new version so that
         no slower reader can put back an older view, and announce the change. The next read of
-        the new version renders and stores the views."""
+        the new version renders and stores the views. With `pipe`, the commands join that
+        pipeline (of this same Redis) and its owner sends them."""
         news = json.dumps({"order_id": order_id, "status": status, "version": version})
+        if pipe is not None:
+            # EVAL, not a registered script: in a pipeline that would cost a SCRIPT EXISTS first
+            pipe.eval(_DROP, 1, _key(order_id), version, TTL_SECONDS)
+            pipe.publish(CHANGES_CHANNEL, news)
+            return
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                self._drop(keys=[_key(order_id)], args=[version, TTL_SECONDS], client=pipe)
-                pipe.publish(CHANGES_CHANNEL, news)
-                pipe.execute()
+            with self.client.pipeline(transaction=False) as own:
+                self.drop(order_id, status, version, own)
+                own.execute()
         except redis.RedisError:  # views of an older version may be served until they expire
             log.error("could not drop the cached views of %s after a change", order_id, exc_info=True)
 
