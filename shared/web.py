@@ -7,6 +7,7 @@ import re
 import time
 from typing import Callable
 
+import flask_smorest
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -78,6 +79,15 @@ def first_unstorable(value) -> str | None:
         elif isinstance(item, list):
             stack.extend((f"{path}.{i}" if path else str(i), child) for i, child in enumerate(item))
     return None
+
+
+class Blueprint(flask_smorest.Blueprint):
+    """flask-smorest's Blueprint, whose argument schemas are built once: given a class, webargs
+    builds a new schema (copying every field) on every request, a quarter of a small request's
+    time. Loading keeps no state on the schema, so one instance serves every request."""
+
+    def arguments(self, schema, *args, **kwargs):
+        return super().arguments(schema() if isinstance(schema, type) else schema, *args, **kwargs)
 
 
 class ServiceApp(Flask):

@@ -9,13 +9,12 @@ import logging
 
 import redis
 from flask import Response, current_app, g, request
-from flask_smorest import Blueprint
 from marshmallow import RAISE
 
 from shared import errors, logs, ratelimit
 from shared.auth import Caller
 from shared.ids import looks_like
-from shared.web import ok, page, storable
+from shared.web import Blueprint, ok, page, storable
 
 from . import schemas as s
 from . import services

@@ -9,7 +9,6 @@ import secrets
 from functools import lru_cache
 
 from flask import Blueprint as FlaskBlueprint, Response, current_app, g, request, send_file
-from flask_smorest import Blueprint
 from marshmallow import ValidationError as MarshmallowValidationError
 from sqlalchemy import select
 
@@ -18,7 +17,7 @@ from shared.auth import Caller, require_service, sign_session
 from shared.db import isoformat, utcnow
 from shared.ids import looks_like
 from shared.money import format_usd
-from shared.web import ok, page, storable
+from shared.web import Blueprint, ok, page, storable
 
 from . import files, notifications, oneshot, present, services, uploads, webhooks, workspaces
 from . import schemas as s
