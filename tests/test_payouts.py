@@ -499,6 +499,60 @@ def test_a_split_without_an_agent_wallet_pays_the_refund_first_and_leaves_the_pa
     assert desk.balance(ledger.escrow(order["id"])) == 0 and desk.balance(ledger.buyer_wallet(buyer.id)) == -3000
 
 
+def _recorded(desk, order_id):
+    """What recording a settlement wrote for an order, with its own ids and times left out."""
+    with desk.db.transaction() as session:
+        payouts = session.scalars(select(Payout).where(Payout.order_id == order_id).order_by(Payout.kind)).all()
+        names = {order_id: "<order>", **{p.id: f"<{p.kind}>" for p in payouts}}
+
+        def named(text):
+            for real, name in names.items():
+                text = text.replace(real, name)
+            return text
+        rows = [(p.kind, p.agent_id, p.destination, p.chain, p.amount_cents, p.fee_cents, p.status, p.attempts,
+                 p.version, p.reported_version, p.tx_ref is not None, p.sent_at is not None,
+                 p.next_attempt_at is not None) for p in payouts]
+        postings = sorted((named(t.key), t.kind, sorted((named(e.account), e.amount_cents) for e in t.entries))
+                          for t in session.scalars(select(LedgerTransaction)
+                                                   .where(LedgerTransaction.order_id == order_id)))
+        calls = sorted((named(c.payout_id), named(c.idempotency_key), c.attempt, c.outcome, c.tx_ref is not None)
+                       for c in session.scalars(select(RailCall).where(RailCall.payout_id.in_([p.id for p in payouts]))))
+    return rows, postings, calls
+
+
+def test_one_statement_and_the_session_record_a_paid_settlement_alike(desk, monkeypatch):
+    from services.payouts import oneshot
+    statements = []
+    real = oneshot.record
+    monkeypatch.setattr(oneshot, "record", lambda *args: statements.append(real(*args)) or statements[-1])
+    agent, _ = desk.paid_agent()
+    buyer = desk.api.buyer()
+    service = desk.api.service(agent, "fixed", price_usd="45.00")
+    orders = [desk.api.walk(agent, buyer, desk.api.order(buyer, service), "disputed")["id"] for _ in range(2)]
+    for oid in orders:
+        desk.api.ok("POST", f"/api/admin/orders/{oid}/resolve", ADMIN,
+                    json={"outcome": "split", "agent_amount_usd": "30.00", "note": "Two thirds."})
+    engine = desk.engine()
+    # the first through record_paid (one statement on PostgreSQL), the second the Session's way
+    for oid, record in zip(orders, (engine.record_paid, engine._record_paid)):
+        for message in desk.messages(oid):
+            if message["event"] == "order.paid":
+                engine.take_event(message)
+            elif message["event"] == "order.completed":
+                assert sorted(s for _, s in record(message, engine.pay_first(message))) == ["sent", "sent"]
+    assert statements == ([(True, True)] if desk.db.is_postgres else [])
+    one, other = (_recorded(desk, oid) for oid in orders)
+    assert one == other
+    rows, postings, calls = one
+    assert [r[:8] for r in rows] == [("payout", agent.id, desk.payouts(orders[0])[0].destination, "solana",
+                                      2700, 300, "sent", 1), ("refund", None, buyer.id, "solana", 1500, 0, "sent", 1)]
+    assert [p[0] for p in postings] == ["fund:<order>", "sent:<payout>", "sent:<refund>", "settle:<order>"]
+    assert calls == [("<payout>", "payout:<payout>", 1, "sent", True), ("<refund>", "payout:<refund>", 1, "sent", True)]
+    with desk.db.transaction() as session:
+        assert ledger.unbalanced(session) == []
+    assert all(desk.balance(ledger.escrow(oid)) == 0 for oid in orders)
+
+
 # --- failures, blocked, admin retry -------------------------------------------------------------------
 
 def test_capped_retries_end_in_failed_visible_to_agent_and_admin_then_an_admin_retry_pays(desk):

@@ -21,7 +21,7 @@ from shared.internal import InternalClient, InternalError, Unavailable
 from shared.money import parse_usd
 from shared.settings import Settings
 
-from . import ledger
+from . import ledger, oneshot
 from .models import Payout, ProcessedEvent, RailCall, SyncState, rail_key
 from .rails import PayoutRail, RailAmbiguous, RailError, RailRejected, RailUnavailable, Transfer
 
@@ -119,6 +119,17 @@ class Engine:
         later, or failed). Returns each payout with its status now, or None for one still to send
         (its wallet is looked up then). Had the order been settled by another worker meanwhile, the
         transfers are recorded against its payouts."""
+        if self.db.is_postgres and all(call.transfer is not None for call in calls.values()):
+            # the usual case, in one statement; if it finds the event taken or the order settled
+            # it writes nothing of the settlement, and the transfers are recorded as below
+            now = utcnow()
+            payouts, postings = settlement(message["data"], now, paid=calls)
+            finished = [_call_row(payout_id, call, finished=True) for payout_id, call in calls.items()]
+            if oneshot.record(self.db, message["id"], now, payouts, postings, finished)[1]:
+                return [(p["id"], "sent" if p["id"] in calls else None) for p in payouts]
+        return self._record_paid(message, calls)
+
+    def _record_paid(self, message: dict, calls: dict[str, Call]) -> list[tuple[str, str | None]]:
         now = utcnow()
         leased_until = now + dt.timedelta(seconds=lease_seconds(self.settings))
         unfinished, results, finished = [], [], []
@@ -421,9 +432,20 @@ def settle(session: Session, data: dict, now: dt.datetime | None = None,
     `paid`, the calls made for it already: a payout whose transfer was made is created sent, its
     `sent:` transaction posted with the settlement's. (Had the order been settled before, that
     posting is the very one record_sent makes when it marks the existing payout sent.)"""
+    payouts, postings = settlement(data, now or utcnow(), leased_until, paid)
+    if postings[1][0] not in ledger.post_many(session, postings):  # the `settle:` key
+        return []  # settled before, or by a duplicate message just now
+    if payouts:
+        session.execute(Payout.__table__.insert(), payouts)
+    return payouts
+
+
+def settlement(data: dict, now: dt.datetime, leased_until: dt.datetime | None = None,
+               paid: dict[str, Call] | None = None) -> tuple[list[dict], list[tuple]]:
+    """What settle() writes, decided: the payout rows, and the ledger postings (the payment's,
+    which may be there already, the settlement's, then one `sent:` per payout created sent)."""
     order_id, wallet = data["order_id"], data["client_wallet"]
     held = parse_usd(data["held_usd"])
-    now = now or utcnow()
     entries = {ledger.escrow(order_id): -held}
     payouts = _dues(data)
     for payout in payouts:
@@ -443,11 +465,7 @@ def settle(session: Session, data: dict, now: dt.datetime | None = None,
     # the paid event may still be on its way: its posting is made here if it is not there yet
     postings = [_fund_posting(order_id, wallet, held), (f"settle:{order_id}", order_id, "settle", entries)]
     postings += [_sent_posting(payout) for payout in payouts if payout["status"] == "sent"]
-    if f"settle:{order_id}" not in ledger.post_many(session, postings):
-        return []  # settled before, or by a duplicate message just now
-    if payouts:
-        session.execute(Payout.__table__.insert(), payouts)
-    return payouts
+    return payouts, postings
 
 
 def _dues(data: dict) -> list[dict]:

@@ -59,9 +59,7 @@ def post_many(session: Session, postings: list[tuple[str, str, str, dict[str, in
     the keys recorded now (those already recorded are left as they are)."""
     rows, entries_of, now = [], {}, utcnow()
     for key, order_id, kind, entries in postings:
-        entries = {account: cents for account, cents in entries.items() if cents}
-        if sum(entries.values()) != 0:
-            raise ValueError(f"ledger transaction {key} does not balance: {entries}")
+        entries = checked(key, entries)
         rows.append({"key": key, "order_id": order_id, "kind": kind, "created_at": now})
         entries_of[key] = entries
     if len(rows) not in _RECORD:
@@ -73,6 +71,14 @@ def post_many(session: Session, postings: list[tuple[str, str, str, dict[str, in
     if lines:
         session.execute(LedgerEntry.__table__.insert(), lines)
     return set(recorded)
+
+
+def checked(key: str, entries: dict[str, int]) -> dict[str, int]:
+    """A transaction's entries without the empty ones; ValueError unless they sum to zero."""
+    entries = {account: cents for account, cents in entries.items() if cents}
+    if sum(entries.values()) != 0:
+        raise ValueError(f"ledger transaction {key} does not balance: {entries}")
+    return entries
 
 
 def balance(session: Session, account: str) -> int:
