@@ -411,6 +411,7 @@ def test_a_payout_paid_first_by_a_dead_worker_is_recorded_once_by_the_sweeps_sen
     later = utcnow() + dt.timedelta(seconds=31)
     assert engine.catch_up(now=later) == 1  # the sweep finds the settlement
     assert engine.send(payout_id, now=later) == "sent"  # asks the rail under the same key: no second transfer
+    assert engine.pay_first(completed) is None  # the message after all: its payout is known, nothing is paid
     [transfer] = desk.rail_transfers(payout_id)
     assert desk.payouts(order["id"])[0].tx_ref == transfer.tx_hash
     assert desk.balance(ledger.agent_wallet(agent.id)) == transfer.amount_cents

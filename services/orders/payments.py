@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared import errors
-from shared.db import insert_or_skip, utcnow
+from shared.db import Database, insert_or_skip, utcnow
 from shared.settings import Settings
 
 from .chains import BaseVerifier, SolanaVerifier
@@ -83,13 +84,23 @@ _TRANSFER_COLUMNS = ("tx_hash", "idempotency_key", "from_wallet", "to_address", 
 _RAIL_TRANSFER = insert_or_skip(SandboxTransfer.__table__, _TRANSFER_COLUMNS, "idempotency_key", _TRANSFER_COLUMNS)
 
 
-def rail_transfer(session: Session, key: str, from_wallet: str, to: str, amount_cents: int, asset: str, chain: str):
+def rail_transfer(db: Database, key: str, from_wallet: str, to: str, amount_cents: int, asset: str, chain: str):
     """The sandbox payout rail's one transfer for `key`: made now, or the one an earlier call made
-    (a concurrent call with the same key is waited for, and its transfer stands)."""
-    made = session.execute(_RAIL_TRANSFER, {
-        "tx_hash": _tx_hash(), "idempotency_key": key, "from_wallet": from_wallet, "to_address": to,
-        "amount_cents": amount_cents, "asset": asset, "chain": chain, "created_at": utcnow()}).first()
-    return made or rail_transfer_by_key(session, key)
+    (a concurrent call with the same key is waited for, and its transfer stands). One INSERT … ON
+    CONFLICT, atomic by itself: no transaction around it, and on PostgreSQL straight through the
+    driver; a repeated key is then read back."""
+    params = {"tx_hash": _tx_hash(), "idempotency_key": key, "from_wallet": from_wallet, "to_address": to,
+              "amount_cents": amount_cents, "asset": asset, "chain": chain, "created_at": utcnow()}
+    if db.is_postgres:
+        made = db.row_of(_RAIL_TRANSFER, params)
+        made = SimpleNamespace(**made) if made else None
+    else:
+        with db.statement() as session:
+            made = session.execute(_RAIL_TRANSFER, params).first()
+    if made is not None:
+        return made
+    with db.read_sessionmaker() as session:
+        return rail_transfer_by_key(session, key)
 
 
 def rail_transfer_by_key(session: Session, key: str) -> SandboxTransfer | None:

@@ -636,11 +636,10 @@ def internal_settlement_report(order_id):
 def internal_rail_send():
     """The sandbox payout rail: one transfer per idempotency key, ever; a repeat returns the first."""
     data = _load(s.RailTransferIn, request.get_json(silent=True))
-    # one INSERT … ON CONFLICT (and, for a repeated key, one read): no transaction around it
-    with current_app.extensions["db"].statement() as session:
-        transfer = rail_transfer(session, data["idempotency_key"], destination_for(data["chain"], _rt().settings),
-                                 data["to"], data["amount_cents"], data["asset"], data["chain"])
-        return ok(_rail_record(transfer), 201)
+    transfer = rail_transfer(current_app.extensions["db"], data["idempotency_key"],
+                             destination_for(data["chain"], _rt().settings), data["to"], data["amount_cents"],
+                             data["asset"], data["chain"])
+    return ok(_rail_record(transfer), 201)
 
 
 @internal.get("/sandbox/rail/<path:key>")
