@@ -3,7 +3,9 @@
 Written through: every transaction that changes an order renders its views (buyer, agent, admin)
 and drops the cached ones before commit, and stores the new ones right after, with the order's
 version. A store only replaces an older version (compare-and-set in Lua), so a slow reader can
-never put back a stale view. Any Redis failure falls back to the database; entries expire.
+never put back a stale view. An approval made in one statement (oneshot.py) renders nothing: it
+drops the views and holds the new version, and the first reader of that version stores them.
+Any Redis failure falls back to the database; entries expire.
 """
 from __future__ import annotations
 
