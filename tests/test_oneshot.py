@@ -16,6 +16,7 @@ from services.orders import oneshot, present
 from services.orders.cache import OrderViews
 from services.orders.models import Order, OutboxEvent, Settlement, TimelineEntry
 from shared.auth import Caller
+from shared.db import utcnow
 from shared.money import fee_cents
 from tests.support.wallets import SolanaWallet
 
@@ -199,14 +200,15 @@ def test_a_slower_reader_cannot_put_back_a_view_older_than_a_drop(app, api, redi
     assert api.ok("GET", f"/api/orders/{oid}", buyer)["id"] == oid  # (the order did not really change here)
 
 
-def test_the_driver_path_speaks_sqlalchemys_errors_and_drops_a_dead_connection(db):
-    if not db.is_postgres:
-        pytest.skip("Database.row_of is the PostgreSQL driver's path; SQLite approvals never take it")
+def test_one_row_statements_speak_sqlalchemys_errors_and_a_dead_connection_is_dropped(db):
+    """Database.row_of: on PostgreSQL straight through the driver, on SQLite a transaction."""
     assert db.row_of(text("SELECT :x AS x, 'a%b' AS y"), {"x": 5}) == {"x": 5, "y": "a%b"}
     with pytest.raises(IntegrityError):  # as the general way's errors are, so the app answers 409
-        db.row_of(text("INSERT INTO payouts_processed_events (id, processed_at) VALUES ('e', now()), ('e', now()) "
-                       "RETURNING id"), {})
-    with pytest.raises(OperationalError):  # the app answers 503
-        db.row_of(text("SELECT pg_terminate_backend(pg_backend_pid())"), {})
-    for _ in range(12):  # every pooled connection still works: the dead one was discarded
-        assert db.row_of(text("SELECT 1 AS one"), {}) == {"one": 1}
+        db.row_of(text("INSERT INTO payouts_processed_events (id, processed_at) VALUES ('e', :at), ('e', :at) "
+                       "RETURNING id"), {"at": utcnow()})
+    assert db.row_of(text("SELECT count(*) AS n FROM payouts_processed_events WHERE id = 'e'"), {}) == {"n": 0}
+    if db.is_postgres:  # a connection the server dropped: the app answers 503, the pool discards it
+        with pytest.raises(OperationalError):
+            db.row_of(text("SELECT pg_terminate_backend(pg_backend_pid())"), {})
+        for _ in range(12):  # every pooled connection still works
+            assert db.row_of(text("SELECT 1 AS one"), {}) == {"one": 1}

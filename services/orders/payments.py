@@ -87,18 +87,12 @@ _RAIL_TRANSFER = insert_or_skip(SandboxTransfer.__table__, _TRANSFER_COLUMNS, "i
 def rail_transfer(db: Database, key: str, from_wallet: str, to: str, amount_cents: int, asset: str, chain: str):
     """The sandbox payout rail's one transfer for `key`: made now, or the one an earlier call made
     (a concurrent call with the same key is waited for, and its transfer stands). One INSERT … ON
-    CONFLICT, atomic by itself: no transaction around it, and on PostgreSQL straight through the
-    driver; a repeated key is then read back."""
+    CONFLICT, atomic by itself (Database.row_of); a repeated key is then read back."""
     params = {"tx_hash": _tx_hash(), "idempotency_key": key, "from_wallet": from_wallet, "to_address": to,
               "amount_cents": amount_cents, "asset": asset, "chain": chain, "created_at": utcnow()}
-    if db.is_postgres:
-        made = db.row_of(_RAIL_TRANSFER, params)
-        made = SimpleNamespace(**made) if made else None
-    else:
-        with db.statement() as session:
-            made = session.execute(_RAIL_TRANSFER, params).first()
+    made = db.row_of(_RAIL_TRANSFER, params)
     if made is not None:
-        return made
+        return SimpleNamespace(**made)
     with db.read_sessionmaker() as session:
         return rail_transfer_by_key(session, key)
 

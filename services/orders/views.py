@@ -6,7 +6,6 @@ import base64
 import datetime as dt
 import json
 import secrets
-from functools import lru_cache
 
 from flask import Blueprint as FlaskBlueprint, Response, current_app, g, request, send_file
 from marshmallow import ValidationError as MarshmallowValidationError
@@ -17,7 +16,7 @@ from shared.auth import Caller, require_service, sign_session
 from shared.db import isoformat, utcnow
 from shared.ids import looks_like
 from shared.money import format_usd
-from shared.web import Blueprint, ok, page, storable
+from shared.web import Blueprint, ok, page, schema_of, storable
 
 from . import files, notifications, oneshot, present, services, uploads, webhooks, workspaces
 from . import schemas as s
@@ -587,14 +586,9 @@ def internal_order(order_id):
                "agent_id": order.agent_id, "paid": order.paid_at is not None})
 
 
-@lru_cache(maxsize=None)
-def _schema(schema: type):
-    return schema()  # loading keeps no state on the instance: one per class serves every request
-
-
 def _load(schema: type, data) -> dict:
     try:
-        return _schema(schema).load(data if data is not None else {})
+        return schema_of(schema).load(data if data is not None else {})
     except MarshmallowValidationError as exc:
         raise errors.ValidationError("The request is not valid.", {"fields": exc.normalized_messages()}) from None
 

@@ -13,7 +13,7 @@ import logging
 import random
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, delete, select, text, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session
 
 from shared.db import Database, insert_or_skip, isoformat, utcnow
@@ -47,9 +47,6 @@ class Attempt:
 class Call:
     """A rail call made before anything about it was recorded (a settlement paid first)."""
     key: str
-    destination: str
-    chain: str | None
-    amount_cents: int
     outcome: str  # as RailCall.outcome
     transfer: Transfer | None
     error: str | None
@@ -108,8 +105,7 @@ class Engine:
             key, started = rail_key(payout["id"]), utcnow()
             outcome, transfer, error = self._call_rail(key, payout["destination"], payout["amount_cents"],
                                                        payout["chain"])
-            calls[payout["id"]] = Call(key, payout["destination"], payout["chain"], payout["amount_cents"],
-                                       outcome, transfer, error, started, utcnow())
+            calls[payout["id"]] = Call(key, outcome, transfer, error, started, utcnow())
         return calls
 
     def record_paid(self, message: dict, calls: dict[str, Call]) -> list[tuple[str, str | None]]:
@@ -162,10 +158,12 @@ class Engine:
 
     def _seen(self, event_id: str, payout_ids: list[str]) -> bool:
         """Whether the event was taken, or any of its payouts recorded, already."""
+        first, second = (payout_ids + [None])[:2]  # an event names a payout, a refund, or both
+        params = {"event_id": event_id, "first": first, "second": second}
         if self.db.is_postgres:  # straight through the driver: this read is on every payout's way
-            return self.db.row_of(_SEEN_PG, {"event_id": event_id, "payout_ids": payout_ids}) is not None
-        with self.db.read_sessionmaker() as session:
-            return session.execute(_SEEN, {"event_id": event_id, "payout_ids": payout_ids}).first() is not None
+            return self.db.row_of(_SEEN, params) is not None
+        with self.db.read_sessionmaker() as session:  # a read: no write lock on SQLite
+            return session.execute(_SEEN, params).first() is not None
 
     def catch_up(self, grace_seconds: float = 30.0, overlap_seconds: float = 120.0, page: int = 500,
                  now: dt.datetime | None = None) -> int:
@@ -396,10 +394,8 @@ def settled_pages(orders: InternalClient, since: dt.datetime, page: int = 500):
 
 # --- recording (inside a transaction) ----------------------------------------------------------
 
-_SEEN = (select(ProcessedEvent.id).where(ProcessedEvent.id == bindparam("event_id"))
-         .union_all(select(Payout.id).where(Payout.id.in_(bindparam("payout_ids", expanding=True)))).limit(1))
-_SEEN_PG = text("SELECT 1 AS seen FROM payouts_processed_events WHERE id = :event_id "
-                "UNION ALL SELECT 1 FROM payouts WHERE id = ANY(:payout_ids) LIMIT 1")
+_SEEN = text("SELECT 1 AS seen FROM payouts_processed_events WHERE id = :event_id "
+             "UNION ALL SELECT 1 FROM payouts WHERE id IN (:first, :second) LIMIT 1")
 _TAKE = insert_or_skip(ProcessedEvent.__table__, ("id", "processed_at"), "id", ("id",))
 
 
