@@ -2,8 +2,8 @@
 capacity, and the lag from an order transition to its webhook's receipt (`make bench-webhooks`).
 
 Starts what carries a webhook the way services/processes.py starts it (the orders service under
-gunicorn, the `default` worker whose relay task marks the outbox published, the `webhooks` worker
-with 4 processes; no beat: its sweep only retries, and the receiver never fails) on a fresh
+gunicorn, the `default` worker, the `webhooks` worker with 4
+processes; no beat: its sweep only retries, and the receiver never fails) on a fresh
 PostgreSQL database and a Redis database, and a receiver in a process of its own: a small asyncio
 HTTP server on 127.0.0.1 that answers 200 at once and records, per request, its receive time,
 `X-Webhook-Delivery` and the body's event id, event and `created_at`. Agents (8 by default), each

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import JSON, Index, Integer, String, select
+import datetime as dt
+
+from sqlalchemy import JSON, Index, Integer, String, select, update
 from sqlalchemy.orm import Mapped, Session, declared_attr, mapped_column
 
 from shared import events, logs
@@ -38,10 +40,15 @@ class OutboxMixin:
 class Outbox:
     """Writes and relays the events of one service's outbox table.
 
-    A committed transaction's events are published to their consumers right after the commit, and
-    the relay task marks them published. A beat sweep runs the relay over whatever is still
-    unpublished, publishing it, so a lost hand-off delays, never loses.
+    A committed transaction's events are published to their consumers right after the commit.
+    Their ids go on a list in the broker in the same round trip, after the messages; the relay's
+    beat sweep marks everything on that list published in one statement, then publishes whatever
+    is still unpublished after a grace period, so a lost hand-off delays, never loses. (A service
+    with no relay task publishes and marks its events itself, right after the commit.)
     """
+
+    GRACE_SECONDS = 5.0  # a hand-off normally follows its commit within milliseconds
+    MARK_BATCH = 1000
 
     def __init__(self, model, celery_app, database, relay_task: str | None):
         self.model = model
@@ -50,6 +57,7 @@ class Outbox:
         self.relay_task = relay_task
         copies = 2 if getattr(celery_app, "duplicates", False) else 1  # the FAULT_DUPLICATE_MESSAGES test fault
         self.publisher = Publisher(celery_app.conf.broker_url, copies=copies)
+        self.handed_key = f"outbox:handed:{model.__tablename__}"  # ids published, not yet marked
 
     def record(self, session: Session, event: str, data: dict, order_id: str | None = None,
                sequence: int = 0) -> None:
@@ -72,18 +80,50 @@ class Outbox:
 
     def hand_off(self, messages: list[dict], also=None) -> None:
         """Publish committed events (their messages, as OutboxMixin.message makes them) to their
-        consumers at once (no relay hop on the way to them), with the message that asks the relay
-        to mark them published, all in one round trip to the broker. (A service with no relay
-        task marks them itself, right after the commit.) If this process dies in between, the
-        sweep publishes them again: consumers are idempotent by event id. `also(pipeline)` may add
-        commands of its own to the same round trip (the broker is the services' Redis)."""
+        consumers at once, in one round trip to the broker that ends by listing their ids for the
+        sweep to mark (a pipeline runs in order, so a listed event's messages went out before it).
+        If this process dies in between, the sweep publishes them again: consumers are idempotent
+        by event id. `also(pipeline)` may add commands of its own to the same round trip (the
+        broker is the services' Redis)."""
         tasks = [task for message in messages for task in self._tasks(message)]
-        tasks.append(Task(self.relay_task, "default", [[m["id"] for m in messages]], {"published": True},
-                          headers={"request_id": logs.request_id.get()}))
+
+        def then(pipe) -> None:
+            if also is not None:
+                also(pipe)
+            pipe.rpush(self.handed_key, *(m["id"] for m in messages))
+
         try:
-            self.publisher.publish(tasks, also)
+            self.publisher.publish(tasks, then)
         except Exception:  # the beat sweep publishes whatever this missed
             log.warning("outbox hand-off after commit failed; the sweep will relay", exc_info=True)
+
+    def mark_handed(self) -> int:
+        """Mark published the events their hand-offs listed (one statement per batch). An id taken
+        off the list and lost before the commit only means the sweep publishes that event again."""
+        marked = 0
+        while ids := self.publisher.client.lpop(self.handed_key, self.MARK_BATCH):
+            with self.db.transaction() as session:
+                marked += session.execute(
+                    update(self.model)
+                    .where(self.model.id.in_([i.decode() for i in ids]), self.model.published_at.is_(None))
+                    .values(published_at=utcnow(), attempts=self.model.attempts + 1)).rowcount
+            if len(ids) < self.MARK_BATCH:
+                break
+        return marked
+
+    def sweep(self, limit: int = 200) -> int:
+        """The relay's beat sweep: mark what the hand-offs published, then publish and mark what is
+        still unpublished after the grace period (a hand-off lost to a crash or a broker outage)."""
+        try:
+            self.mark_handed()
+        except Exception:  # unmarked events are published again below, once they are old enough
+            log.warning("marking handed-off events failed", exc_info=True)
+        relayed = 0
+        while True:  # drain in batches so one sweep clears a backlog
+            count = self.relay(limit=limit, older_than=dt.timedelta(seconds=self.GRACE_SECONDS))
+            relayed += count
+            if count < limit:
+                return relayed
 
     def _tasks(self, message: dict) -> list[Task]:
         """The tasks that publish one event: one per consumer, with an id made of the event's,
@@ -92,9 +132,11 @@ class Outbox:
         return [Task(sub.task, sub.queue, [message], id=f"{message['id']}:{sub.task}", headers=headers)
                 for sub in events.consumers(message["event"], message["data"])]
 
-    def relay(self, ids: list[str] | None = None, limit: int = 200, published: bool = False) -> int:
-        """Publish unpublished events (these ids, or the oldest) to their consumers; mark them published.
-        With `published`, the events were already published by their transaction's hand-off: only mark.
+    def relay(self, ids: list[str] | None = None, limit: int = 200, published: bool = False,
+              older_than: dt.timedelta | None = None) -> int:
+        """Publish unpublished events (these ids, or the oldest; only those written more than
+        `older_than` ago) to their consumers; mark them published. With `published`, the events
+        were already published by their transaction's hand-off: only mark.
 
         A crash between publish and mark publishes again: consumers are idempotent by event id.
         """
@@ -102,6 +144,8 @@ class Outbox:
             query = select(self.model).where(self.model.published_at.is_(None))
             if ids is not None:
                 query = query.where(self.model.id.in_(ids))
+            if older_than is not None:
+                query = query.where(self.model.created_at < utcnow() - older_than)
             query = query.order_by(self.model.created_at).limit(limit)
             if self.db.is_postgres:
                 query = query.with_for_update(skip_locked=True)

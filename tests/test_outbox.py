@@ -27,19 +27,9 @@ def _body(message):
     return json.loads(base64.b64decode(message["body"]))
 
 
-def _relay_handed_off(app, redis_url):
-    """Run the relay tasks the requests handed to the default queue, as the default worker would."""
-    outbox = app.extensions["orders_runtime"].outbox
-    client = redis.Redis.from_url(redis_url)
-    handed = 0
-    while (raw := client.rpop("default")) is not None:
-        message = json.loads(raw)
-        if message["headers"]["task"] == "orders.notify_buyer":  # the default worker's other consumer
-            continue
-        assert message["headers"]["task"] == "orders.relay_outbox"
-        args, kwargs, _ = _body(message)
-        handed += outbox.relay(*args, **kwargs)
-    return handed
+def _mark_handed_off(app):
+    """What the relay's beat sweep does first: mark published the events the hand-offs listed."""
+    return app.extensions["orders_runtime"].outbox.mark_handed()
 
 
 def test_completion_event_reaches_the_payouts_queue_with_the_payout_due(api, app, db, redis_url):
@@ -48,8 +38,10 @@ def test_completion_event_reaches_the_payouts_queue_with_the_payout_due(api, app
     events = _events(db, order["id"])
     assert [e.event for e in events] == ["order.created", "order.paid", "order.delivered", "order.completed"]
     assert [e.sequence for e in events] == [1, 2, 3, 4]
-    assert _relay_handed_off(app, redis_url) == 4  # each commit handed its events to the relay
-    assert all(e.published_at is not None for e in _events(db, order["id"]))
+    assert all(e.published_at is None for e in events)  # published, but not yet marked
+    assert _mark_handed_off(app) == 4  # each commit listed its events for the sweep
+    assert all(e.published_at is not None and e.attempts == 1 for e in _events(db, order["id"]))
+    assert _mark_handed_off(app) == 0
 
     payouts = sorted((_body(m)[0][0] for m in _queued(redis_url, "payouts")
                       if m["headers"]["task"] == "payouts.settle_order"), key=lambda e: e["sequence"])
@@ -124,9 +116,6 @@ def test_the_request_id_follows_the_request_into_the_queued_tasks(api, app, redi
     api.call("POST", "/api/orders", buyer, json={"service_id": service["id"], "brief": "A drawing of a fox."},
              headers={"X-Request-ID": "req-fox-42"})
     assert api.last.headers["X-Request-ID"] == "req-fox-42"
-    hand_off = _queued(redis_url, "default")
-    assert hand_off and hand_off[-1]["headers"]["request_id"] == "req-fox-42"
-    _relay_handed_off(app, redis_url)
     created = [m for m in _queued(redis_url, "webhooks") if _body(m)[0][0]["event"] == "order.created"]
     assert created and created[0]["headers"]["request_id"] == "req-fox-42"
 
@@ -143,3 +132,66 @@ def test_each_consumer_is_sent_only_the_events_it_uses():
     assert tasks("order.message", sender_type="agent") == {"orders.notify_buyer"}
     assert tasks("order.quoted") == {"webhooks.deliver_event", "orders.notify_buyer"}
     assert tasks("generation.created") == {"workspaces.dispatch"}
+
+
+def _age(db, event_id, seconds):
+    import datetime as dt
+    with db.transaction() as session:
+        row = session.get(OutboxEvent, event_id)
+        row.created_at = row.created_at - dt.timedelta(seconds=seconds)
+
+
+def _published_copies(redis_url, event_id):
+    return sum(1 for m in _queued(redis_url, "payouts") if _body(m)[0][0]["id"] == event_id)
+
+
+def test_the_sweep_marks_what_was_handed_off_and_publishes_only_what_was_lost(app, db, redis_url, settings):
+    outbox = app.extensions["orders_runtime"].outbox
+    with db.transaction() as session:  # handed off after its commit, as every transition's events are
+        outbox.record(session, "order.completed", {"payout_due": {"amount_usd": "1.00"}}, order_id=None)
+    with db.transaction() as session:
+        handed = session.scalars(select(OutboxEvent)).one()
+    dead = make_celery("dead", settings.replace(redis_url="redis://127.0.0.1:1/0"))
+    offline = Outbox(OutboxEvent, dead, db, relay_task="orders.relay_outbox")
+    with db.transaction() as session:  # its hand-off is lost: the broker is out of reach
+        offline.record(session, "order.completed", {"payout_due": {"amount_usd": "2.00"}}, order_id=None)
+    with db.transaction() as session:
+        lost = session.scalars(select(OutboxEvent).where(OutboxEvent.id != handed.id)).one()
+    assert _published_copies(redis_url, handed.id) == 1 and _published_copies(redis_url, lost.id) == 0
+
+    # a young unpublished event may be a hand-off still on its way: the sweep leaves it
+    assert outbox.sweep() == 0
+    assert _published_copies(redis_url, handed.id) == 1 and _published_copies(redis_url, lost.id) == 0
+    with db.transaction() as session:
+        assert session.get(OutboxEvent, handed.id).published_at is not None  # marked, from the list
+        assert session.get(OutboxEvent, lost.id).published_at is None
+
+    # past the grace period the lost one is published, once; the handed-off one never again
+    _age(db, handed.id, outbox.GRACE_SECONDS + 1)
+    _age(db, lost.id, outbox.GRACE_SECONDS + 1)
+    assert outbox.sweep() == 1
+    assert outbox.sweep() == 0
+    assert _published_copies(redis_url, handed.id) == 1 and _published_copies(redis_url, lost.id) == 1
+    with db.transaction() as session:
+        assert session.get(OutboxEvent, lost.id).published_at is not None
+
+
+def test_an_event_is_listed_for_marking_only_after_its_messages(app, db, redis_url, monkeypatch):
+    """The hand-off's one round trip ends with the list, so a listed (marked) event was published."""
+    outbox = app.extensions["orders_runtime"].outbox
+    rounds = []
+    execute = redis.client.Pipeline.execute
+
+    def recording(pipe, *args, **kwargs):
+        rounds.append([(command[0], command[1]) for command, _ in pipe.command_stack])
+        return execute(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", recording)
+    with db.transaction() as session:
+        outbox.record(session, "order.completed", {"x": 1}, order_id=None)
+        outbox.record(session, "order.cancelled", {"x": 2}, order_id=None)
+    assert len(rounds) == 1
+    *messages, last = rounds[0]
+    assert last == ("RPUSH", outbox.handed_key)
+    assert sorted(messages) == [("LPUSH", "payouts"), ("LPUSH", "payouts"), ("LPUSH", "webhooks"), ("LPUSH", "webhooks")]
+    assert redis.Redis.from_url(redis_url).llen(outbox.handed_key) == 2

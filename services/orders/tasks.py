@@ -43,16 +43,12 @@ def runtime() -> tuple[Database, services.Runtime]:
 
 @app.task(name=services.RELAY_TASK, acks_late=True)
 def relay_outbox(ids: list[str] | None = None, published: bool = False) -> int:
-    """Mark the events a transaction just committed and published (ids), or sweep every unpublished one."""
+    """The beat sweep (Outbox.sweep). With ids, the per-commit message that marked a transaction's
+    events before hand-offs listed them for the sweep; one may still be queued from an older release."""
     db, rt = runtime()
     if ids is not None:
         return rt.outbox.relay(ids, published=published)
-    relayed = 0
-    while True:  # drain in batches so one sweep clears a backlog
-        count = rt.outbox.relay(limit=200)
-        relayed += count
-        if count < 200:
-            break
+    relayed = rt.outbox.sweep()
     if relayed:
         log.info("outbox relayed %d events", relayed)
     return relayed
