@@ -6,7 +6,10 @@ Celery worker (bench/noop_worker.py) on the same Redis, on a fresh PostgreSQL da
 agent with a payout wallet, a buyer and delivered orders through the HTTP API, then measures:
 
 1. payout latency: orders approved one at a time; from the approve's 200 answer to the client
-   seeing the payout `sent` in the `payouts` table (polled every 2 ms);
+   seeing the payout `sent` in the `payouts` table. By default the client is told, as the
+   baseline's client is: a trigger the bench adds to its own database NOTIFYs when a payout row
+   becomes `sent`, which PostgreSQL delivers when that transaction commits (`--observe poll`
+   reads the row every `--poll-ms` instead, which adds half a period and the reads' load);
 2. the baseline: publish a no-op task, wait (BLPOP) until the worker has run it, one at a time;
 3. the ratio of the two medians, against the target (payout p50 at most 3 × the bare p50);
 4. drain: approve N orders as fast as a thread pool can, time until the last payout is `sent`.
@@ -97,6 +100,63 @@ def describe(procs: list[Proc]) -> str:
 
 # --- storage -------------------------------------------------------------------------------
 
+# The bench's observation of `sent`, in its own database only: PostgreSQL delivers a NOTIFY when
+# the transaction that made the row `sent` commits, as the no-op's RPUSH reaches the baseline's
+# BLPOP. The payload is the column naming what was paid (TG_ARGV[0]).
+CHANNEL = "bench_sent"
+SENT_NOTICES = f"""
+CREATE OR REPLACE FUNCTION bench_notify_sent() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.status = 'sent' AND (TG_OP = 'INSERT' OR OLD.status IS DISTINCT FROM 'sent') THEN
+    PERFORM pg_notify('{CHANNEL}', to_jsonb(NEW) ->> TG_ARGV[0]);
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER bench_sent AFTER INSERT OR UPDATE OF status ON payouts
+  FOR EACH ROW EXECUTE FUNCTION bench_notify_sent('order_id');
+CREATE TRIGGER bench_sent AFTER INSERT OR UPDATE OF status ON floor_payouts
+  FOR EACH ROW EXECUTE FUNCTION bench_notify_sent('id');
+"""
+
+
+class Watcher:
+    """Waits for `sent` by LISTENing on its own connection (observe="notify"), or by reading the
+    row every `poll` seconds (observe="poll"), given how to read it."""
+
+    def __init__(self, database_url: str, observe: str, poll: float):
+        import psycopg
+
+        self.observe, self.poll = observe, poll
+        self.conn = psycopg.connect(payout_floor.plain_url(database_url), autocommit=True)
+        self.told: set[str] = set()  # notices taken while waiting for another one
+        if observe == "notify":
+            self.conn.execute(SENT_NOTICES)
+            self.conn.execute(f"LISTEN {CHANNEL}")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def wait(self, key: str, is_sent, timeout: float) -> float | None:
+        """Seconds from now until `key` is seen sent (`is_sent()` reads its row), or None."""
+        started = time.perf_counter()
+        while True:
+            if self.observe == "notify":
+                if key in self.told:
+                    self.told.discard(key)
+                    return time.perf_counter() - started
+                left = timeout - (time.perf_counter() - started)
+                if left <= 0:
+                    return None
+                for notice in self.conn.notifies(timeout=left, stop_after=1):
+                    self.told.add(notice.payload)
+                continue
+            if is_sent():
+                return time.perf_counter() - started
+            if time.perf_counter() - started > timeout:
+                return None
+            time.sleep(self.poll)
+
+
 class Tables(Reader):
     def payout(self, order_id: str) -> tuple[str | None, object, bool]:
         """(status, sent_at, reported to the orders service) of the order's payout; None before it exists."""
@@ -126,7 +186,7 @@ class Tables(Reader):
     def timeline(self, order_ids: list[str]) -> dict[str, dict]:
         """Per order, the path's timestamps (all from this machine's clock, UTC)."""
         rows = self.conn.execute("""
-            SELECT p.order_id, e.created_at, e.published_at, rc.started_at, st.created_at, rc.finished_at, p.sent_at
+            SELECT p.order_id, e.created_at, rc.started_at, st.created_at, rc.finished_at, p.sent_at
             FROM payouts p
             JOIN outbox_events e ON e.order_id = p.order_id AND e.event = 'order.completed'
             LEFT JOIN rail_calls rc ON rc.payout_id = p.id AND rc.attempt = 1
@@ -139,16 +199,15 @@ class Tables(Reader):
 # The timestamps timeline() reads, in path order (its columns' order); labels for the report. The
 # path is the one of a payout whose destination the completion names: the rail is called first,
 # then the settlement, the payout (sent) and the call are recorded in one transaction.
-MARKS = ("event_created", "published", "send_started", "transfer_recorded", "rail_answered", "sent")
+MARKS = ("event_created", "send_started", "transfer_recorded", "rail_answered", "sent")
 MARK_LABELS = {
     "event_created": "order.completed written (approve's transaction)",
     "answered": "approve answered 200 at the client",
-    "published": "outbox row marked published (relay task)",
     "send_started": "rail called (rail_calls.started_at)",
     "transfer_recorded": "sandbox rail recorded the transfer (orders)",
     "rail_answered": "rail answer taken (rail_calls.finished_at)",
     "sent": "recording began (payouts.sent_at)",
-    "observed": "seen `sent` by the client's poll",
+    "observed": "seen `sent` by the client",
 }
 
 
@@ -179,11 +238,11 @@ def approve(api: Api, buyer: str, oid: str) -> None:
 class Sample:
     order_id: str
     answered_at: float  # epoch seconds, right after the approve's 200
-    observed: float | None = None  # seconds until the client's poll saw `sent`
+    observed: float | None = None  # seconds until the client saw `sent`
     by_sent_at: float | None = None  # seconds until payouts.sent_at
 
 
-def payout_latency(api: Api, buyer: str, tables: Tables, ids: list[str], poll: float,
+def payout_latency(api: Api, buyer: str, tables: Tables, watcher: Watcher, ids: list[str],
                    errors: Errors) -> list[Sample]:
     """Approve each order and wait for its payout to be `sent` before the next: latency, not
     queueing. Before the next order it also waits for the payout's report to the orders service,
@@ -198,21 +257,24 @@ def payout_latency(api: Api, buyer: str, tables: Tables, ids: list[str], poll: f
         answered = time.perf_counter()
         sample = Sample(oid, time.time())
         samples.append(sample)
+        sample.observed = watcher.wait(oid, lambda: tables.payout(oid)[0] in ("sent", "failed", "blocked"),
+                                       STALL_SECONDS)
         while True:
             status, sent_at, reported = tables.payout(oid)
-            now = time.perf_counter()
-            if status == "sent" and sample.observed is None:
-                sample.observed = now - answered
+            if status == "sent" and sample.observed is not None:
                 sample.by_sent_at = sent_at.timestamp() - sample.answered_at
-            if sample.observed is not None and reported:
-                break
+                if reported:
+                    break
+            elif sample.observed is not None and status != "sent":  # the poll saw it failed or blocked
+                sample.observed = None
             if status in ("failed", "blocked"):
                 errors.add(f"payout of {oid} is {status}")
                 break
-            if now - answered > STALL_SECONDS:
-                errors.add(f"payout of {oid} is {status or 'not created'} after {STALL_SECONDS:.0f} s")
+            if time.perf_counter() - answered > STALL_SECONDS:
+                errors.add(f"payout of {oid} is {status or 'not created'} (reported: {reported}) "
+                           f"after {STALL_SECONDS:.0f} s")
                 break
-            time.sleep(poll)
+            time.sleep(0.002)
     return samples
 
 
@@ -261,36 +323,35 @@ class Bare:
 
 
 class Floor:
-    """The floor (bench/payout_floor.py): publish its event to its worker, then poll its payout
-    row until `sent`, exactly as payout_latency() polls a real payout."""
+    """The floor (bench/payout_floor.py): publish its event to its worker, then wait for its
+    payout row to be `sent`, exactly as payout_latency() waits for a real payout."""
 
-    def __init__(self, bare: Bare, database_url: str):
+    def __init__(self, bare: Bare, database_url: str, watcher: Watcher):
         import psycopg
 
         self.client = bare.client
+        self.watcher = watcher
         self.conn = psycopg.connect(database_url, autocommit=True)
 
     def close(self) -> None:
         self.conn.close()
 
-    def trip(self, poll: float, timeout: float = 10) -> float | None:
+    def _sent(self, payout_id: str) -> bool:
+        row = self.conn.execute("SELECT status FROM floor_payouts WHERE id = %s", (payout_id,),
+                                prepare=True).fetchone()
+        return row is not None and row[0] == "sent"
+
+    def trip(self, timeout: float = 10) -> float | None:
         payout_id = "pay_" + uuid.uuid4().hex[:20]
         started = time.perf_counter()
         self.client.send_task(payout_floor.TASK, args=[payout_id, "A" * 44, 4050], queue=payout_floor.QUEUE)
-        while True:
-            row = self.conn.execute("SELECT status FROM floor_payouts WHERE id = %s", (payout_id,),
-                                    prepare=True).fetchone()
-            elapsed = time.perf_counter() - started
-            if row is not None and row[0] == "sent":
-                return elapsed
-            if elapsed > timeout:
-                return None
-            time.sleep(poll)
+        waited = self.watcher.wait(payout_id, lambda: self._sent(payout_id), timeout)
+        return None if waited is None else time.perf_counter() - started
 
-    def trips(self, n: int, poll: float, errors: Errors) -> list[float]:
+    def trips(self, n: int, errors: Errors) -> list[float]:
         times = []
         for i in range(n):
-            elapsed = self.trip(poll)
+            elapsed = self.trip()
             if elapsed is None:
                 errors.add(f"floor payout {i}: not sent within 10 s")
             else:
@@ -300,7 +361,7 @@ class Floor:
 
 def drain(seeder: Seeder, tables: Tables, ids: list[str], threads: int, errors: Errors) -> dict:
     """Approve every order from a thread pool at once; time from the first approve until the last
-    of their payouts is `sent` (as the client sees it, polling). With a backlog, the payouts sweep
+    of their payouts is `sent` (reading their rows every 10 ms). With a backlog, the payouts sweep
     (every 10 s) joins in, as it would in production: that is part of what is measured."""
     api, buyer = seeder.api, seeder.buyer
     before = tables.statuses()
@@ -356,7 +417,9 @@ def main(argv=None) -> int:
     parser.add_argument("--trips", type=int, help="bare no-op round trips (default 400, quick 40)")
     parser.add_argument("--drain", type=int, help="orders approved at once for the drain (default 1000, quick 50)")
     parser.add_argument("--threads", type=int, default=8, help="approving threads in the drain (default 8)")
-    parser.add_argument("--poll-ms", type=float, default=2.0, help="payout status poll interval (default 2)")
+    parser.add_argument("--observe", choices=("notify", "poll"), default="notify",
+                        help="how the client sees a payout `sent`: told at commit (default) or by reading it")
+    parser.add_argument("--poll-ms", type=float, default=2.0, help="with --observe poll: the read interval (default 2)")
     args = parser.parse_args(argv)
     n_orders = args.orders if args.orders is not None else (20 if args.quick else 500)
     n_trips = args.trips if args.trips is not None else (40 if args.quick else 400)
@@ -388,9 +451,11 @@ def main(argv=None) -> int:
         opened.append(bare)
         if bare.trip(timeout=60, alive=alive) is None:  # the first one waits for the worker to start
             raise SetupError(f"the no-op worker ran nothing in 60 s; see {procs[-1].log}")
-        floor = Floor(bare, payout_floor.plain_url(database_url))
+        watcher = Watcher(database_url, args.observe, poll)
+        opened.append(watcher)
+        floor = Floor(bare, payout_floor.plain_url(database_url), watcher)
         opened.append(floor)
-        if floor.trip(poll, timeout=60) is None:
+        if floor.trip(timeout=60) is None:
             raise SetupError(f"the floor's worker sent nothing in 60 s; see {logdir}")
 
         seeder = Seeder(port, payout_wallet=True)
@@ -400,17 +465,17 @@ def main(argv=None) -> int:
         vacuum_analyze(database_url)
 
         log(f"warming up: {warm_orders} payouts, {warm_trips} no-op round trips ...")
-        payout_latency(seeder.api, seeder.buyer, tables, warm, poll, errors)
+        payout_latency(seeder.api, seeder.buyer, tables, watcher, warm, errors)
         bare.trips(warm_trips, errors)
-        floor.trips(warm_trips, poll, errors)
+        floor.trips(warm_trips, errors)
         # the baseline and the floor in two halves around the payouts, so all see the same machine
         log(f"bare round trips and floor payouts 1/2 ({n_trips // 2} each) ...")
         trips = bare.trips(n_trips // 2, errors)
-        floors = floor.trips(n_trips // 2, poll, errors)
+        floors = floor.trips(n_trips // 2, errors)
         log(f"payout latency over {n_orders} orders, one at a time ...")
-        samples = payout_latency(seeder.api, seeder.buyer, tables, timed, poll, errors)
+        samples = payout_latency(seeder.api, seeder.buyer, tables, watcher, timed, errors)
         log(f"floor payouts and bare round trips 2/2 ({n_trips - n_trips // 2} each) ...")
-        floors += floor.trips(n_trips - n_trips // 2, poll, errors)
+        floors += floor.trips(n_trips - n_trips // 2, errors)
         trips += bare.trips(n_trips - n_trips // 2, errors)
         timeline = tables.timeline(timed)
         load_mid = loadavg()
@@ -421,15 +486,16 @@ def main(argv=None) -> int:
         alive()
 
         load = f"{load_before} before, {load_mid} after the latency phase, {loadavg()} after (shared machine)"
-        report(args, procs, samples, trips, floors, timeline, drained_result, errors, load, poll)
+        report(args, procs, samples, trips, floors, timeline, drained_result, errors, load)
         return errors.count > 0
 
     return run_bench(body, env=env, procs=procs, logdir=logdir, closing=opened)
 
 
 def report(args, procs, samples: list[Sample], trips: list[float], floors: list[float], timeline: dict,
-           drained: dict | None, errors: Errors, load: str, poll: float) -> None:
+           drained: dict | None, errors: Errors, load: str) -> None:
     ms = 1000
+    seen = "NOTIFY at commit" if args.observe == "notify" else f"seen by polling ({args.poll_ms:g} ms)"
     observed = [s.observed for s in samples if s.observed is not None]
     by_sent_at = [s.by_sent_at for s in samples if s.by_sent_at is not None]
 
@@ -448,10 +514,10 @@ def report(args, procs, samples: list[Sample], trips: list[float], floors: list[
     print(f"machine: {machine()}; load average {load}")
     print()
     print(f"{'latency (ms)':<36}  {'p50':>7}  {'p99':>7}  {'mean':>7}  {'max':>7}  {'n':>5}")
-    print(row(f"payout, seen by polling ({poll * ms:g} ms)", observed))
+    print(row(f"payout, {seen}", observed))
     print(row("payout, by payouts.sent_at", by_sent_at))
     print(row("bare Celery no-op round trip", trips))
-    print(row(f"floor payout, polled ({poll * ms:g} ms)", floors))
+    print(row(f"floor payout, {seen}", floors))
     print()
     if observed and trips:
         ratio = statistics.median(observed) / statistics.median(trips)
