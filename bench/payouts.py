@@ -415,6 +415,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short smoke run (figures not meaningful)")
     parser.add_argument("--orders", type=int, help="orders for the latency figure (default 500, quick 20)")
     parser.add_argument("--trips", type=int, help="bare no-op round trips (default 400, quick 40)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds of the three latencies (default 25, quick 4)")
     parser.add_argument("--drain", type=int, help="orders approved at once for the drain (default 1000, quick 50)")
     parser.add_argument("--threads", type=int, default=8, help="approving threads in the drain (default 8)")
     parser.add_argument("--observe", choices=("notify", "poll"), default="notify",
@@ -424,6 +425,7 @@ def main(argv=None) -> int:
     n_orders = args.orders if args.orders is not None else (20 if args.quick else 500)
     n_trips = args.trips if args.trips is not None else (40 if args.quick else 400)
     n_drain = args.drain if args.drain is not None else (50 if args.quick else 1000)
+    rounds = max(1, args.rounds if args.rounds is not None else (4 if args.quick else 25))
     warm_orders = 3 if args.quick else 20
     warm_trips = 10 if args.quick else 50
     poll = args.poll_ms / 1000
@@ -468,15 +470,19 @@ def main(argv=None) -> int:
         payout_latency(seeder.api, seeder.buyer, tables, watcher, warm, errors)
         bare.trips(warm_trips, errors)
         floor.trips(warm_trips, errors)
-        # the baseline and the floor in two halves around the payouts, so all see the same machine
-        log(f"bare round trips and floor payouts 1/2 ({n_trips // 2} each) ...")
-        trips = bare.trips(n_trips // 2, errors)
-        floors = floor.trips(n_trips // 2, errors)
-        log(f"payout latency over {n_orders} orders, one at a time ...")
-        samples = payout_latency(seeder.api, seeder.buyer, tables, watcher, timed, errors)
-        log(f"floor payouts and bare round trips 2/2 ({n_trips - n_trips // 2} each) ...")
-        floors += floor.trips(n_trips - n_trips // 2, errors)
-        trips += bare.trips(n_trips - n_trips // 2, errors)
+        # the three interleaved in rounds (each round in another order), so all see the same machine
+        log(f"payout latency over {n_orders} orders one at a time, {n_trips} bare round trips and "
+            f"{n_trips} floor payouts, in {rounds} interleaved rounds ...")
+        samples: list[Sample] = []
+        trips: list[float] = []
+        floors: list[float] = []
+        measures = [lambda i: samples.extend(payout_latency(seeder.api, seeder.buyer, tables, watcher,
+                                                             timed[share(n_orders, i, rounds)], errors)),
+                    lambda i: trips.extend(bare.trips(len(range(n_trips)[share(n_trips, i, rounds)]), errors)),
+                    lambda i: floors.extend(floor.trips(len(range(n_trips)[share(n_trips, i, rounds)]), errors))]
+        for i in range(rounds):
+            for k in range(len(measures)):
+                measures[(i + k) % len(measures)](i)
         timeline = tables.timeline(timed)
         load_mid = loadavg()
 
@@ -490,6 +496,11 @@ def main(argv=None) -> int:
         return errors.count > 0
 
     return run_bench(body, env=env, procs=procs, logdir=logdir, closing=opened)
+
+
+def share(n: int, i: int, rounds: int) -> slice:
+    """Round i's part of n items shared out over `rounds` rounds."""
+    return slice(n * i // rounds, n * (i + 1) // rounds)
 
 
 def report(args, procs, samples: list[Sample], trips: list[float], floors: list[float], timeline: dict,
