@@ -1,7 +1,7 @@
 """Payout latency and drain time of the payout path, against a bare Celery round trip (`bench/payouts.py`).
 
 Starts what carries a payout, the way services/processes.py starts it (the orders service under
-gunicorn, the `default` worker that relays the outbox, the `payouts` worker, beat), plus a no-op
+gunicorn, the `default` worker that runs the outbox sweep, the `payouts` worker, beat), plus a no-op
 Celery worker (bench/noop_worker.py) on the same Redis, on a fresh PostgreSQL database. Seeds an
 agent with a payout wallet, a buyer and delivered orders through the HTTP API, then measures:
 

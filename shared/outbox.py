@@ -2,9 +2,8 @@
 published to their consumers' queues only after that transaction commits."""
 from __future__ import annotations
 
-import logging
-
 import datetime as dt
+import logging
 
 from sqlalchemy import JSON, Index, Integer, String, select, update
 from sqlalchemy.orm import Mapped, Session, declared_attr, mapped_column
