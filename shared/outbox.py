@@ -36,6 +36,22 @@ class OutboxMixin:
                 "created_at": isoformat(self.created_at), "data": self.data, "request_id": self.request_id}
 
 
+# A header on the messages of an event's one hand-off after its commit. Delivered for the first
+# time (not restored by the broker after a worker died: kombu marks those `redelivered`), such a
+# message is the first anyone has seen of its event, but for a copy of it delivered alongside
+# (first_sight below). A message the sweep publishes carries no such header: its event's hand-off
+# may have been delivered already.
+FROM_COMMIT = "from_commit"
+
+
+def first_sight(request) -> bool:
+    """Whether a task's message (its Celery request) is its event's hand-off after the commit,
+    delivered for the first time: no consumer can have taken the event before, though a copy of
+    the message (a broker's duplicate) may be taking it at this moment."""
+    delivery = getattr(request, "delivery_info", None) or {}
+    return bool(request.get(FROM_COMMIT)) and not request.get("redelivered") and not delivery.get("redelivered")
+
+
 class Outbox:
     """Writes and relays the events of one service's outbox table.
 
@@ -84,7 +100,7 @@ class Outbox:
         If this process dies in between, the sweep publishes them again: consumers are idempotent
         by event id. `also(pipeline)` may add commands of its own to the same round trip (the
         broker is the services' Redis)."""
-        tasks = [task for message in messages for task in self._tasks(message)]
+        tasks = [task for message in messages for task in self._tasks(message, from_commit=True)]
 
         def then(pipe) -> None:
             if also is not None:
@@ -124,10 +140,13 @@ class Outbox:
             if count < limit:
                 return relayed
 
-    def _tasks(self, message: dict) -> list[Task]:
+    def _tasks(self, message: dict, from_commit: bool = False) -> list[Task]:
         """The tasks that publish one event: one per consumer, with an id made of the event's,
-        so a consumer can tell a copy from a new event."""
+        so a consumer can tell a copy from a new event. `from_commit` marks the messages of the
+        hand-off right after the event's commit (FROM_COMMIT): the sweep's are not so marked."""
         headers = {"request_id": message["request_id"] or logs.request_id.get()}
+        if from_commit:
+            headers[FROM_COMMIT] = True
         return [Task(sub.task, sub.queue, [message], id=f"{message['id']}:{sub.task}", headers=headers)
                 for sub in events.consumers(message["event"], message["data"])]
 

@@ -195,3 +195,40 @@ def test_an_event_is_listed_for_marking_only_after_its_messages(app, db, redis_u
     assert last == ("RPUSH", outbox.handed_key)
     assert sorted(messages) == [("LPUSH", "payouts"), ("LPUSH", "payouts"), ("LPUSH", "webhooks"), ("LPUSH", "webhooks")]
     assert redis.Redis.from_url(redis_url).llen(outbox.handed_key) == 2
+
+
+def test_only_the_hand_off_after_its_commit_is_an_events_first_sight(app, db, redis_url, settings):
+    """What a consumer's request says of a message: the hand-off's, delivered for the first time,
+    is the first anyone sees of its event; the sweep's copy, or one the broker restored after a
+    worker died, may not be."""
+    from celery.app.task import Context
+    from celery.worker.request import Request
+
+    from services.payouts.tasks import app as payouts
+    from shared.outbox import first_sight
+
+    client = redis.Redis.from_url(redis_url)
+    client.delete("payouts")
+    outbox = app.extensions["orders_runtime"].outbox
+    with db.transaction() as session:
+        outbox.record(session, "order.completed", {"x": 1}, order_id=None)
+    with db.transaction() as session:
+        event_id = session.scalars(select(OutboxEvent.id)).one()
+    assert outbox.relay([event_id]) == 1  # as the sweep publishes an event it finds unpublished
+    [swept, handed] = client.lrange("payouts", 0, -1)  # kombu pops from the right: handed comes first
+    restored = json.loads(handed)  # what kombu's Redis transport writes when it restores a message
+    restored["headers"]["redelivered"] = True
+    restored["properties"]["delivery_info"]["redelivered"] = True
+    client.lpush("payouts", json.dumps(restored))
+
+    reader = make_celery("reader", settings.replace(redis_url=redis_url))
+    seen = []
+    with reader.connection_for_read() as conn:
+        queue = conn.SimpleQueue("payouts", no_ack=True)
+        for _ in range(3):
+            message = queue.get(timeout=2)
+            request = Request(message, app=payouts, task=payouts.tasks["payouts.settle_order"])
+            assert request.id == f"{event_id}:payouts.settle_order"
+            seen.append(first_sight(Context(request.request_dict)))
+        queue.close()
+    assert seen == [True, False, False]  # the hand-off's, the sweep's, the restored hand-off's

@@ -769,3 +769,25 @@ def test_processed_event_ids_are_forgotten_after_the_retention_period(desk):
     assert len(kept) == 2  # order.paid and order.completed
     assert engine.prune(utcnow()) == 0
     assert engine.prune(utcnow() + dt.timedelta(days=desk.settings.retention_days, seconds=1)) == 2
+
+
+def test_an_event_at_first_sight_is_paid_without_the_read_and_a_copy_of_it_still_pays_once(desk, monkeypatch):
+    agent, buyer, order, wallet = desk.completed()
+    engine = desk.engine()
+    [completed] = desk.messages(order["id"], "order.completed")
+    reads = []
+    seen = engine._seen
+    monkeypatch.setattr(engine, "_seen", lambda *args: reads.append(args) or seen(*args))
+    first = engine.pay_first(completed, first_sight=True)
+    copy = engine.pay_first(completed, first_sight=True)  # a broker's duplicate, delivered alongside
+    assert reads == []  # nothing can be on record of an event at its first sight: not read
+    [payout_id] = first
+    assert copy[payout_id].transfer.tx_ref == first[payout_id].transfer.tx_ref  # the rail's key: one transfer
+    assert engine.record_paid(completed, first) == [(payout_id, "sent")]
+    assert engine.record_paid(completed, copy) == []
+    assert len(desk.rail_transfers(payout_id)) == 1
+    assert _ledger_keys(desk, order["id"]).count(f"sent:{payout_id}") == 1
+    assert desk.balance(ledger.agent_wallet(agent.id)) == desk.payouts(order["id"])[0].amount_cents
+    # the same event seen again otherwise (the sweep's copy, a restored message) is read and left alone
+    assert engine.pay_first(completed) is None and len(reads) == 1
+    assert len(desk.rail_transfers(payout_id)) == 1 and len(_calls(desk, payout_id)) == 2

@@ -89,16 +89,19 @@ class Engine:
             return [_attempt(session, row, now) if row["attempts"] else row["id"]
                     for row in settle(session, data, now, leased_until)]
 
-    def pay_first(self, message: dict) -> dict[str, Call] | None:
+    def pay_first(self, message: dict, first_sight: bool = False) -> dict[str, Call] | None:
         """The rail calls of a settling event, made before anything is written: one per payout
         whose destination the event names. None when the event takes the recorded way instead
         (a payment, no destination named, the event or its payouts seen before). Safe because
         every call carries the payout's key: a call made twice, or made by a worker that died
-        before recording it, is still one transfer, recorded by whoever records it next."""
+        before recording it, is still one transfer, recorded by whoever records it next.
+        `first_sight` (shared.outbox.first_sight): the message is its event's hand-off, delivered
+        for the first time, so nothing can have been recorded of it yet and the read that asks is
+        skipped; a copy delivered at the same time pays under the same keys, as twins do."""
         if message["event"] == "order.paid":
             return None
         due = [p for p in _dues(message.get("data") or {}) if p["destination"]]
-        if not due or self._seen(message["id"], [p["id"] for p in due]):
+        if not due or (not first_sight and self._seen(message["id"], [p["id"] for p in due])):
             return None
         calls = {}
         for payout in due:

@@ -9,6 +9,7 @@ import redis
 from shared.celery_app import make_celery, max_countdown
 from shared.db import Database, utcnow
 from shared.internal import InternalClient, Unavailable
+from shared.outbox import first_sight
 from shared.settings import load
 
 from .engine import Attempt, Engine
@@ -40,14 +41,14 @@ def _send_later(payout_id: str, countdown: float | None = None) -> None:
         log.warning("could not queue payout %s; the sweep will", payout_id, exc_info=True)
 
 
-@app.task(name="payouts.settle_order", acks_late=True)
-def settle_order(message: dict) -> list[str]:
+@app.task(name="payouts.settle_order", acks_late=True, bind=True)
+def settle_order(self, message: dict) -> list[str]:
     """An order event: fund the escrow (paid), or settle the order (completed, cancelled) and
     send what it owes right here, without another trip through the queue. What the event names a
     destination for is paid first and recorded after, in one transaction with the settlement;
     anything else takes the recorded way (settle and claim, then the rail)."""
     e = engine()
-    calls = e.pay_first(message)
+    calls = e.pay_first(message, first_sight=first_sight(self.request))
     if calls is not None:
         settled = e.record_paid(message, calls)
         for payout_id, status in settled:
