@@ -791,3 +791,24 @@ def test_an_event_at_first_sight_is_paid_without_the_read_and_a_copy_of_it_still
     # the same event seen again otherwise (the sweep's copy, a restored message) is read and left alone
     assert engine.pay_first(completed) is None and len(reads) == 1
     assert len(desk.rail_transfers(payout_id)) == 1 and len(_calls(desk, payout_id)) == 2
+
+
+def test_a_first_sight_that_meets_the_sweeps_settlement_pays_that_payout_once(desk):
+    """The one way a first-sight message meets a record of its event: the worker was down past the
+    sweep's grace and the sweep settled the order before the queued message ran."""
+    agent, buyer, order, wallet = desk.completed()
+    engine = desk.engine()
+    [completed] = desk.messages(order["id"], "order.completed")
+    assert engine.catch_up(now=utcnow() + dt.timedelta(seconds=31)) == 1  # settled by the sweep, pending
+    [payout] = desk.payouts(order["id"])
+    calls = engine.pay_first(completed, first_sight=True)  # the queued message, not read first
+    assert list(calls) == [payout.id]
+    assert engine.record_paid(completed, calls) == [(payout.id, "sent")]  # recorded against the sweep's payout
+    assert engine.send(payout.id) == "sent"  # the sweep's own attempt finds it sent: no second transfer
+    [transfer] = desk.rail_transfers(payout.id)
+    [payout] = desk.payouts(order["id"])
+    assert (payout.status, payout.tx_ref) == ("sent", transfer.tx_hash)
+    assert _ledger_keys(desk, order["id"]).count(f"sent:{payout.id}") == 1
+    assert desk.balance(ledger.agent_wallet(agent.id)) == payout.amount_cents
+    with desk.db.transaction() as session:
+        assert ledger.unbalanced(session) == []
