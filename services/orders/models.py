@@ -110,7 +110,7 @@ class Order(Base):
 class TimelineEntry(Base):
     __tablename__ = "order_timeline"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), index=True)
+    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"))  # found through the unique (order_id, …) below
     number: Mapped[int] = mapped_column(Integer)
     action: Mapped[str] = mapped_column(String(32))
     from_status: Mapped[str | None] = mapped_column(String(32))
@@ -125,7 +125,7 @@ class TimelineEntry(Base):
 class Delivery(Base):
     __tablename__ = "deliveries"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), index=True)
+    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"))  # found through the unique (order_id, …) below
     number: Mapped[int] = mapped_column(Integer)
     created_at = mapped_column(UTCDateTime(), nullable=False)
     items: Mapped[list["DeliveryItem"]] = relationship(
@@ -209,7 +209,7 @@ class Upload(Base):
 class Revision(Base):
     __tablename__ = "revisions"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), index=True)
+    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"))  # found through the unique (order_id, …) below
     number: Mapped[int] = mapped_column(Integer)
     feedback: Mapped[str] = mapped_column(Text)
     is_extra: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -244,7 +244,7 @@ class Settlement(Base):
     then updated by the payouts worker's reports (newer `version` wins)."""
     __tablename__ = "order_settlements"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)  # the payout id (pay_...)
-    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), index=True)
+    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"))  # found through the unique (order_id, …) below
     kind: Mapped[str] = mapped_column(String(16))  # payout | refund
     status: Mapped[str] = mapped_column(String(16))
     amount_cents: Mapped[int] = mapped_column(Integer)
