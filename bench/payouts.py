@@ -257,19 +257,16 @@ def payout_latency(api: Api, buyer: str, tables: Tables, watcher: Watcher, ids: 
         answered = time.perf_counter()
         sample = Sample(oid, time.time())
         samples.append(sample)
-        sample.observed = watcher.wait(oid, lambda: tables.payout(oid)[0] in ("sent", "failed", "blocked"),
-                                       STALL_SECONDS)
+        waited = watcher.wait(oid, lambda: tables.payout(oid)[0] in ("sent", "failed", "blocked"), STALL_SECONDS)
         while True:
             status, sent_at, reported = tables.payout(oid)
-            if status == "sent" and sample.observed is not None:
-                sample.by_sent_at = sent_at.timestamp() - sample.answered_at
-                if reported:
-                    break
-            elif sample.observed is not None and status != "sent":  # the poll saw it failed or blocked
-                sample.observed = None
             if status in ("failed", "blocked"):
                 errors.add(f"payout of {oid} is {status}")
                 break
+            if status == "sent" and waited is not None:
+                sample.observed, sample.by_sent_at = waited, sent_at.timestamp() - sample.answered_at
+                if reported:
+                    break
             if time.perf_counter() - answered > STALL_SECONDS:
                 errors.add(f"payout of {oid} is {status or 'not created'} (reported: {reported}) "
                            f"after {STALL_SECONDS:.0f} s")
