@@ -1,11 +1,10 @@
 """Celery task messages written to the Redis broker directly, many in one round trip.
 
 Celery's `send_task` builds each message through kombu's producer machinery and sends it on its
-own: about a third of a millisecond per message here, three times per order change (each
-consumer and the relay). A message is only a JSON document pushed onto the queue's list, so the
-outbox builds the same document itself (Celery's task protocol 2, as kombu's Redis transport
-stores it; tests/test_broker.py holds it against what `send_task` writes) and pushes all of a
-commit's messages in one pipeline. Workers read them like any other: they are the same bytes.
+own: about a third of a millisecond per message here, once per consumer of each event. A message
+is only a JSON document pushed onto the queue's list, so the outbox builds the same document
+itself (Celery's task protocol 2, as kombu's Redis transport stores it; tests/test_broker.py
+holds it against what `send_task` writes) and pushes all of a commit's messages in one pipeline. Workers read them like any other: they are the same bytes.
 """
 from __future__ import annotations
 
