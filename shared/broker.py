@@ -4,7 +4,8 @@ Celery's `send_task` builds each message through kombu's producer machinery and 
 own: about a third of a millisecond per message here, once per consumer of each event. A message
 is only a JSON document pushed onto the queue's list, so the outbox builds the same document
 itself (Celery's task protocol 2, as kombu's Redis transport stores it; tests/test_broker.py
-holds it against what `send_task` writes) and pushes all of a commit's messages in one pipeline. Workers read them like any other: they are the same bytes.
+holds it against what `send_task` writes) and pushes all of a commit's messages in one round
+trip. Workers read them like any other: they are the same bytes.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import uuid
 from typing import NamedTuple
 
 import redis
+
+from shared.redisconn import Commands
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _HOST = socket.gethostname()
@@ -32,29 +35,36 @@ class Task(NamedTuple):
     headers: dict | None = None
 
 
-def task_message(task: Task) -> str:
+# the parts of a message that are the same in every one, serialised once
+_FIXED_HEADERS = {"lang": "py", "shadow": None, "eta": None, "expires": None, "group": None, "group_index": None,
+                  "retries": 0, "timelimit": [None, None], "parent_id": None, "ignore_result": None,
+                  "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {}}
+_FIXED_HEADERS_JSON = json.dumps(_FIXED_HEADERS)[1:-1]
+_FIXED_PROPERTIES_JSON = json.dumps({"reply_to": None, "delivery_mode": 2, "priority": 0,
+                                     "body_encoding": "base64"})[1:-1]
+
+
+def task_body(task: Task) -> str:
+    """A task message's body (its arguments), as it travels: JSON, base64-encoded."""
+    return base64.b64encode(json.dumps([task.args, task.kwargs or {}, _EMBED]).encode()).decode()
+
+
+def task_message(task: Task, body: str | None = None) -> str:
     """One task message (priority 0), serialised as kombu's Redis transport keeps it in the
-    queue's list."""
+    queue's list. `body` is task_body(task), when the caller has it already (several consumers of
+    one event get the same arguments)."""
     task_id = task.id or str(uuid.uuid4())
-    body = json.dumps([task.args, task.kwargs or {}, _EMBED]).encode()
-    return json.dumps({
-        "body": base64.b64encode(body).decode(),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {
-            "lang": "py", "task": task.name, "id": task_id, "shadow": None, "eta": None, "expires": None,
-            "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
-            "parent_id": None, "argsrepr": f"<{len(task.args)} argument(s)>",
-            "kwargsrepr": repr(task.kwargs or {}),
-            "origin": f"gen{os.getpid()}@{_HOST}", "ignore_result": None, "replaced_task_nesting": 0,
-            "stamped_headers": None, "stamps": {}, **(task.headers or {}),
-        },
-        "properties": {
-            "correlation_id": task_id, "reply_to": None, "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": task.queue}, "priority": 0,
-            "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
-        },
-    })
+    extra = task.headers or {}
+    fixed = _FIXED_HEADERS_JSON if _FIXED_HEADERS.keys().isdisjoint(extra) else \
+        json.dumps({k: v for k, v in _FIXED_HEADERS.items() if k not in extra})[1:-1]
+    headers = json.dumps({"task": task.name, "id": task_id, "root_id": task_id,
+                          "argsrepr": f"<{len(task.args)} argument(s)>", "kwargsrepr": repr(task.kwargs or {}),
+                          "origin": f"gen{os.getpid()}@{_HOST}", **extra})
+    properties = json.dumps({"correlation_id": task_id, "delivery_info": {"exchange": "", "routing_key": task.queue},
+                             "delivery_tag": str(uuid.uuid4())})
+    return (f'{{"body": "{body if body is not None else task_body(task)}", "content-encoding": "utf-8", '
+            f'"content-type": "application/json", "headers": {{{fixed}, {headers[1:]}, '
+            f'"properties": {{{_FIXED_PROPERTIES_JSON}, {properties[1:]}}}')
 
 
 class Publisher:
@@ -64,15 +74,22 @@ class Publisher:
 
     def __init__(self, broker_url: str, copies: int = 1):
         self.client = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=2)
+        self.commands = Commands(self.client)
         self.copies = copies
 
     def publish(self, tasks: list[Task], also=None) -> None:
-        """Send the tasks' messages (and whatever `also(pipeline)` adds to the round trip).
-        Raises redis.RedisError if the broker is out of reach; some may have gone out by then."""
-        with self.client.pipeline(transaction=False) as pipe:
-            for task in tasks:
-                for _ in range(self.copies):
-                    pipe.lpush(task.queue, task_message(task))
-            if also is not None:
-                also(pipe)
-            pipe.execute()
+        """Send the tasks' messages (and the commands `also(commands)` appends to the list, as
+        tuples) in one round trip. Raises redis.RedisError if the broker is out of reach; some
+        may have gone out by then."""
+        bodies: dict = {}  # by arguments: the consumers of one event share theirs
+        commands = []
+        for task in tasks:
+            key = (id(task.args), id(task.kwargs))
+            body = bodies.get(key)
+            if body is None:
+                body = bodies[key] = task_body(task)
+            commands.extend(("LPUSH", task.queue, task_message(task, body)) for _ in range(self.copies))
+        if also is not None:
+            also(commands)
+        if commands:
+            self.commands.run(commands)

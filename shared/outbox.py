@@ -96,16 +96,16 @@ class Outbox:
     def hand_off(self, messages: list[dict], also=None) -> None:
         """Publish committed events (their messages, as OutboxMixin.message makes them) to their
         consumers at once, in one round trip to the broker that ends by listing their ids for the
-        sweep to mark (a pipeline runs in order, so a listed event's messages went out before it).
+        sweep to mark (Redis runs them in order, so a listed event's messages went out before it).
         If this process dies in between, the sweep publishes them again: consumers are idempotent
-        by event id. `also(pipeline)` may add commands of its own to the same round trip (the
-        broker is the services' Redis)."""
+        by event id. `also(commands)` may append commands of its own (tuples) to the same round
+        trip (the broker is the services' Redis)."""
         tasks = [task for message in messages for task in self._tasks(message, from_commit=True)]
 
-        def then(pipe) -> None:
+        def then(commands: list) -> None:
             if also is not None:
-                also(pipe)
-            pipe.rpush(self.handed_key, *(m["id"] for m in messages))
+                also(commands)
+            commands.append(("RPUSH", self.handed_key, *(m["id"] for m in messages)))
 
         try:
             self.publisher.publish(tasks, then)
@@ -147,7 +147,8 @@ class Outbox:
         headers = {"request_id": message["request_id"] or logs.request_id.get()}
         if from_commit:
             headers[FROM_COMMIT] = True
-        return [Task(sub.task, sub.queue, [message], id=f"{message['id']}:{sub.task}", headers=headers)
+        args = [message]  # one list for all: the publisher encodes each task's arguments once
+        return [Task(sub.task, sub.queue, args, id=f"{message['id']}:{sub.task}", headers=headers)
                 for sub in events.consumers(message["event"], message["data"])]
 
     def relay(self, ids: list[str] | None = None, limit: int = 200, published: bool = False,

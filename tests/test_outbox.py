@@ -9,6 +9,7 @@ from sqlalchemy import select
 from services.orders.models import OutboxEvent
 from shared.celery_app import make_celery
 from shared.outbox import Outbox
+from shared.redisconn import Commands
 
 
 def _queued(redis_url, queue):
@@ -180,13 +181,13 @@ def test_an_event_is_listed_for_marking_only_after_its_messages(app, db, redis_u
     """The hand-off's one round trip ends with the list, so a listed (marked) event was published."""
     outbox = app.extensions["orders_runtime"].outbox
     rounds = []
-    execute = redis.client.Pipeline.execute
+    run = Commands.run
 
-    def recording(pipe, *args, **kwargs):
-        rounds.append([(command[0], command[1]) for command, _ in pipe.command_stack])
-        return execute(pipe, *args, **kwargs)
+    def recording(commands, batch):
+        rounds.append([(command[0], command[1]) for command in batch])
+        return run(commands, batch)
 
-    monkeypatch.setattr(redis.client.Pipeline, "execute", recording)
+    monkeypatch.setattr(Commands, "run", recording)
     with db.transaction() as session:
         outbox.record(session, "order.completed", {"x": 1}, order_id=None)
         outbox.record(session, "order.cancelled", {"x": 2}, order_id=None)

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.auth import Caller
 from shared.db import after_commit
+from shared.redisconn import Commands
 
 from .models import Order
 
@@ -61,6 +62,7 @@ def _key(order_id: str) -> str:
 class OrderViews:
     def __init__(self, client: redis.Redis, links):
         self.client = client
+        self.commands = Commands(client)  # the request path's round trips
         self.links = links
         self._store = client.register_script(_STORE)
 
@@ -70,7 +72,7 @@ class OrderViews:
         if caller.kind not in ("buyer", "agent", "admin"):
             return STRANGER
         try:
-            wallet, agent_id, view = self.client.hmget(_key(order_id), "client_wallet", "agent_id", caller.kind)
+            wallet, agent_id, view = self.commands("HMGET", _key(order_id), "client_wallet", "agent_id", caller.kind)
         except redis.RedisError:
             log.warning("order view cache unavailable", exc_info=True)
             return None
@@ -109,27 +111,25 @@ class OrderViews:
         should this process die before drop(), readers go to the database meanwhile."""
         self._forget([order_id])
 
-    def drop(self, order_id: str, status: str, version: int, pipe=None) -> None:
+    def drop(self, order_id: str, status: str, version: int, commands: list | None = None) -> None:
         """After such a change committed: drop the views again, holding the new version so that
         no slower reader can put back an older view, and announce the change. The next read of
-        the new version renders and stores the views. With `pipe`, the commands join that
-        pipeline (of this same Redis) and its owner sends them."""
+        the new version renders and stores the views. With `commands`, the commands are
+        appended to that list, for its owner to send to this same Redis in its round trip."""
         news = json.dumps({"order_id": order_id, "status": status, "version": version})
-        if pipe is not None:
-            # EVAL, not a registered script: in a pipeline that would cost a SCRIPT EXISTS first
-            pipe.eval(_DROP, 1, _key(order_id), version, TTL_SECONDS)
-            pipe.publish(CHANGES_CHANNEL, news)
+        # EVAL, not EVALSHA: a script the server lost would fail its whole round trip's drop
+        own = [("EVAL", _DROP, 1, _key(order_id), version, TTL_SECONDS), ("PUBLISH", CHANGES_CHANNEL, news)]
+        if commands is not None:
+            commands.extend(own)
             return
         try:
-            with self.client.pipeline(transaction=False) as own:
-                self.drop(order_id, status, version, own)
-                own.execute()
+            self.commands.run(own)
         except redis.RedisError:  # views of an older version may be served until they expire
             log.error("could not drop the cached views of %s after a change", order_id, exc_info=True)
 
     def _forget(self, order_ids: list[str]) -> None:
         try:
-            self.client.delete(*[_key(oid) for oid in order_ids])
+            self.commands("DEL", *[_key(oid) for oid in order_ids])
         except redis.RedisError:
             log.warning("could not drop cached order views", exc_info=True)
 

@@ -132,7 +132,7 @@ def approve(db: Database, rt, views, order_id: str, caller: Caller) -> dict | No
     # the event to its consumers and the cached views dropped, in one round trip
     rt.outbox.hand_off([{"id": event_id, "event": EVENT, "order_id": order_id, "sequence": order.event_sequence,
                          "created_at": isoformat(now), "data": row["event_data"], "request_id": request_id}],
-                       also=lambda pipe: views.drop(order_id, order.status, order.version, pipe))
+                       also=lambda commands: views.drop(order_id, order.status, order.version, commands))
     full = present.full_order(order)
     return present.for_role(full, _ROW.actor, rt.links)
 
