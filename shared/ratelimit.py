@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import redis
 
+from shared.redisconn import Commands
+
 log = logging.getLogger(__name__)
 
 
@@ -29,10 +31,8 @@ def hit(client: redis.Redis, key: str, limit: int, window: int = 60, now: float 
     now = int(now if now is not None else time.time())
     start = now - now % window
     bucket = f"ratelimit:{key}:{start}"
-    pipe = client.pipeline(transaction=True)
-    pipe.incr(bucket)
-    pipe.expire(bucket, window + 1)
-    count = pipe.execute()[0]
+    # one round trip; the window's expiry is set before the first count, so no count outlives it
+    _, count = Commands.of(client).run([("SET", bucket, 0, "EX", window + 1, "NX"), ("INCR", bucket)])
     return Verdict(count <= limit, limit, max(0, limit - count), start + window - now)
 
 

@@ -18,12 +18,23 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 
 import hiredis
 import redis
 
 
 class Commands:
+    _of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, client: redis.Redis) -> "Commands":
+        """The Commands of a client's server and settings, one per client."""
+        try:
+            return cls._of[client]
+        except KeyError:
+            return cls._of.setdefault(client, cls(client))
+
     def __init__(self, client: redis.Redis):
         pool = client.connection_pool
         self._connection_class = pool.connection_class

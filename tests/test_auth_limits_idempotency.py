@@ -122,6 +122,20 @@ def test_rate_limits_are_shared_between_processes(make_app, frozen_window):
     assert [second.get("/api/agents/me", agent)[0] for _ in range(3)] == [200, 200, 429]
 
 
+def test_a_windows_count_expires_with_the_window(redis_url, frozen_window):
+    import redis
+
+    from shared import ratelimit
+    client = redis.Redis.from_url(redis_url)
+    bucket = "ratelimit:agent:counted:1800000000"  # the frozen window's start
+    client.delete(bucket)
+    verdicts = [ratelimit.hit(client, "agent:counted", 2) for _ in range(3)]
+    assert [(v.allowed, v.remaining) for v in verdicts] == [(True, 1), (True, 0), (False, 0)]
+    assert int(client.get(bucket)) == 3
+    assert 0 < client.ttl(bucket) <= 61  # gone once the window is over, whatever the count
+    client.delete(bucket)
+
+
 def test_rate_limits_off(make_app):
     from tests.support.api import ApiClient
     api = ApiClient(make_app(rate_limits=False, rate_limit_anonymous_per_minute=1))
