@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import uuid
+from json.encoder import encode_basestring_ascii as _q  # a JSON string, as json.dumps writes it
 from typing import NamedTuple
 
 import redis
@@ -40,8 +41,10 @@ _FIXED_HEADERS = {"lang": "py", "shadow": None, "eta": None, "expires": None, "g
                   "retries": 0, "timelimit": [None, None], "parent_id": None, "ignore_result": None,
                   "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {}}
 _FIXED_HEADERS_JSON = json.dumps(_FIXED_HEADERS)[1:-1]
-_FIXED_PROPERTIES_JSON = json.dumps({"reply_to": None, "delivery_mode": 2, "priority": 0,
-                                     "body_encoding": "base64"})[1:-1]
+_FIXED_PROPERTIES = {"reply_to": None, "delivery_mode": 2, "priority": 0, "body_encoding": "base64"}
+_FIXED_PROPERTIES_JSON = json.dumps(_FIXED_PROPERTIES)[1:-1]
+# the headers every message sets itself: extra headers with these names take the plain way
+_OWN_HEADERS = frozenset(_FIXED_HEADERS) | {"task", "id", "root_id", "argsrepr", "kwargsrepr", "origin"}
 
 
 def task_body(task: Task) -> str:
@@ -53,18 +56,51 @@ def task_message(task: Task, body: str | None = None) -> str:
     """One task message (priority 0), serialised as kombu's Redis transport keeps it in the
     queue's list. `body` is task_body(task), when the caller has it already (several consumers of
     one event get the same arguments)."""
+    return _Messages().message(task, body)
+
+
+class _Messages:
+    """Writes the messages of one batch: the constant parts are serialised once per process, and
+    what several messages share (an event's arguments, its extra headers) once per batch."""
+
+    def __init__(self):
+        self._bodies: dict = {}
+        self._extras: dict = {}
+
+    def message(self, task: Task, body: str | None = None) -> str:
+        if body is None:
+            key = (id(task.args), id(task.kwargs))
+            body = self._bodies.get(key)
+            if body is None:
+                body = self._bodies[key] = task_body(task)
+        extra = task.headers or {}
+        if not _OWN_HEADERS.isdisjoint(extra):
+            return _plain_message(task, body)
+        extra_json = self._extras.get(id(extra))
+        if extra_json is None:
+            extra_json = self._extras[id(extra)] = "".join(f", {_q(k)}: {json.dumps(v)}" for k, v in extra.items())
+        task_id = _q(task.id or str(uuid.uuid4()))
+        return (f'{{"body": "{body}", "content-encoding": "utf-8", "content-type": "application/json", '
+                f'"headers": {{{_FIXED_HEADERS_JSON}, "task": {_q(task.name)}, "id": {task_id}, '
+                f'"root_id": {task_id}, "argsrepr": "<{len(task.args)} argument(s)>", '
+                f'"kwargsrepr": {_q(repr(task.kwargs or {}))}, "origin": {_q(f"gen{os.getpid()}@{_HOST}")}'
+                f'{extra_json}}}, "properties": {{{_FIXED_PROPERTIES_JSON}, "correlation_id": {task_id}, '
+                f'"delivery_info": {{"exchange": "", "routing_key": {_q(task.queue)}}}, '
+                f'"delivery_tag": "{uuid.uuid4()}"}}}}')
+
+
+def _plain_message(task: Task, body: str) -> str:
+    """task_message, built as one dict (extra headers replace the message's own)."""
     task_id = task.id or str(uuid.uuid4())
-    extra = task.headers or {}
-    fixed = _FIXED_HEADERS_JSON if _FIXED_HEADERS.keys().isdisjoint(extra) else \
-        json.dumps({k: v for k, v in _FIXED_HEADERS.items() if k not in extra})[1:-1]
-    headers = json.dumps({"task": task.name, "id": task_id, "root_id": task_id,
-                          "argsrepr": f"<{len(task.args)} argument(s)>", "kwargsrepr": repr(task.kwargs or {}),
-                          "origin": f"gen{os.getpid()}@{_HOST}", **extra})
-    properties = json.dumps({"correlation_id": task_id, "delivery_info": {"exchange": "", "routing_key": task.queue},
-                             "delivery_tag": str(uuid.uuid4())})
-    return (f'{{"body": "{body if body is not None else task_body(task)}", "content-encoding": "utf-8", '
-            f'"content-type": "application/json", "headers": {{{fixed}, {headers[1:]}, '
-            f'"properties": {{{_FIXED_PROPERTIES_JSON}, {properties[1:]}}}')
+    return json.dumps({
+        "body": body, "content-encoding": "utf-8", "content-type": "application/json",
+        "headers": {**_FIXED_HEADERS, "task": task.name, "id": task_id, "root_id": task_id,
+                    "argsrepr": f"<{len(task.args)} argument(s)>", "kwargsrepr": repr(task.kwargs or {}),
+                    "origin": f"gen{os.getpid()}@{_HOST}", **(task.headers or {})},
+        "properties": {**_FIXED_PROPERTIES, "correlation_id": task_id,
+                       "delivery_info": {"exchange": "", "routing_key": task.queue},
+                       "delivery_tag": str(uuid.uuid4())},
+    })
 
 
 class Publisher:
@@ -81,14 +117,8 @@ class Publisher:
         """Send the tasks' messages (and the commands `also(commands)` appends to the list, as
         tuples) in one round trip. Raises redis.RedisError if the broker is out of reach; some
         may have gone out by then."""
-        bodies: dict = {}  # by arguments: the consumers of one event share theirs
-        commands = []
-        for task in tasks:
-            key = (id(task.args), id(task.kwargs))
-            body = bodies.get(key)
-            if body is None:
-                body = bodies[key] = task_body(task)
-            commands.extend(("LPUSH", task.queue, task_message(task, body)) for _ in range(self.copies))
+        messages = _Messages()
+        commands = [("LPUSH", task.queue, messages.message(task)) for task in tasks for _ in range(self.copies)]
         if also is not None:
             also(commands)
         if commands:

@@ -9,7 +9,7 @@ from functools import lru_cache
 from typing import Callable
 
 import flask_smorest
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Request, Response, g, jsonify, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from shared import errors, logs
@@ -30,17 +30,18 @@ def page(items: list, next_cursor: str | None, **extra) -> dict:
     return {"items": items, "next_cursor": next_cursor, **extra}
 
 
-def _refuse_unstorable_input() -> None:
+def _refuse_unstorable_input(req: Request) -> None:
     """Refuse, before any view runs, input no database can store or no parser should recurse into."""
-    if not storable(request.path):
+    if not storable(req.path):
         raise errors.NotFound()  # no id with such characters exists
-    for name, value in request.args.items(multi=True):
-        if not storable(value):
-            raise errors.ValidationError("The request contains characters that cannot be stored.",
-                                         {"fields": {name: ["Contains a NUL or an unpaired surrogate."]}})
-    if request.method not in ("POST", "PATCH", "PUT") or not request.is_json:
+    if req.environ.get("QUERY_STRING"):
+        for name, value in req.args.items(multi=True):
+            if not storable(value):
+                raise errors.ValidationError("The request contains characters that cannot be stored.",
+                                             {"fields": {name: ["Contains a NUL or an unpaired surrogate."]}})
+    if req.method not in ("POST", "PATCH", "PUT") or not req.is_json:
         return
-    raw = request.get_data(cache=True)
+    raw = req.get_data(cache=True)
     if not raw:
         return
     try:
@@ -123,24 +124,27 @@ def create_base_app(name: str, settings: Settings, readiness: dict[str, Callable
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1)
     errors.register_error_handlers(app)
 
+    # (the request and g are looked up once per hook: each use of Flask's proxies is a lookup)
     @app.before_request
     def _bind_request():
-        g.started = time.perf_counter()
-        rid = logs.clean_request_id(request.headers.get(logs.REQUEST_ID_HEADER))
+        req, ctx = request._get_current_object(), g._get_current_object()
+        ctx.started = time.perf_counter()
+        rid = logs.clean_request_id(req.headers.get(logs.REQUEST_ID_HEADER))
         logs.request_id.set(rid)
         logs.order_id.set(None)
-        g.request_id = rid
-        if request.method in ("POST", "PATCH", "PUT") and request.content_length and not request.is_json \
-                and request.mimetype != "multipart/form-data":
+        ctx.request_id = rid
+        if req.method in ("POST", "PATCH", "PUT") and req.content_length and not req.is_json \
+                and req.mimetype != "multipart/form-data":
             raise errors.UnsupportedMediaType()
-        _refuse_unstorable_input()
+        _refuse_unstorable_input(req)
 
     @app.after_request
     def _finish(response: Response):
-        response.headers[logs.REQUEST_ID_HEADER] = g.get("request_id", "")
-        method, path, status = request.method, request.path, response.status_code
+        req, ctx = request._get_current_object(), g._get_current_object()
+        response.headers[logs.REQUEST_ID_HEADER] = ctx.get("request_id", "")
+        method, path, status = req.method, req.path, response.status_code
         if path not in ("/healthz", "/readyz") and access_log.isEnabledFor(logging.INFO):
-            started = g.get("started")
+            started = ctx.get("started")
             duration = round((time.perf_counter() - started) * 1000, 2) if started is not None else 0.0
             access_log.info("%s %s %s", method, path, status,
                             extra={"method": method, "path": path, "status": status, "duration_ms": duration})

@@ -68,3 +68,22 @@ def test_published_messages_are_read_by_a_celery_consumer_and_duplicated_on_requ
         queue.close()
     assert [s[:3] for s in seen] == [([{"id": "evt_9"}], {}, "media")] * 2
     assert seen[0][3] != seen[1][3]  # two messages, not one message twice
+
+
+def test_extra_headers_join_a_message_and_replace_its_own_of_the_same_name():
+    from shared.broker import _plain_message, task_body
+
+    event = {"id": "evt_2", "note": "naïve ✓ \"quoted\""}
+    plain_headers = Task("payouts.settle_order", "payouts", [event], id="evt_2:p",
+                         headers={"request_id": "req-\"3\"", "from_commit": True})
+    fast, plain = (json.loads(m) for m in (task_message(plain_headers),
+                                           _plain_message(plain_headers, task_body(plain_headers))))
+    assert fast["properties"].pop("delivery_tag") != plain["properties"].pop("delivery_tag")
+    assert fast == plain  # the two ways of writing a message agree
+    assert fast["headers"]["request_id"] == 'req-"3"' and fast["headers"]["from_commit"] is True
+
+    overriding = Task("payouts.settle_order", "payouts", [event], id="evt_2:p", headers={"retries": 3})
+    message = json.loads(task_message(overriding))
+    assert message["headers"]["retries"] == 3
+    assert set(message["headers"]) == set(fast["headers"]) - {"request_id", "from_commit"}
+    assert json.loads(base64.b64decode(message["body"]))[0] == [event]
