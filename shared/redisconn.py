@@ -1,4 +1,5 @@
-"""Redis round trips on the calling thread's own connection, for the request path.
+"""Redis round trips on the calling thread's own connection, for the busy paths: the outbox's
+publishing, the cached order views, the rate limits.
 
 redis-py's client takes a connection from its pool for every command or pipeline and, before
 handing it out, checks that no stray reply waits on it (a non-blocking read between two changes
