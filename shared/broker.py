@@ -52,11 +52,10 @@ def task_body(task: Task) -> str:
     return base64.b64encode(json.dumps([task.args, task.kwargs or {}, _EMBED]).encode()).decode()
 
 
-def task_message(task: Task, body: str | None = None) -> str:
+def task_message(task: Task) -> str:
     """One task message (priority 0), serialised as kombu's Redis transport keeps it in the
-    queue's list. `body` is task_body(task), when the caller has it already (several consumers of
-    one event get the same arguments)."""
-    return _Messages().message(task, body)
+    queue's list."""
+    return _Messages().message(task)
 
 
 class _Messages:
@@ -67,12 +66,11 @@ class _Messages:
         self._bodies: dict = {}
         self._extras: dict = {}
 
-    def message(self, task: Task, body: str | None = None) -> str:
+    def message(self, task: Task) -> str:
+        key = (id(task.args), id(task.kwargs))
+        body = self._bodies.get(key)
         if body is None:
-            key = (id(task.args), id(task.kwargs))
-            body = self._bodies.get(key)
-            if body is None:
-                body = self._bodies[key] = task_body(task)
+            body = self._bodies[key] = task_body(task)
         extra = task.headers or {}
         if not _OWN_HEADERS.isdisjoint(extra):
             return _plain_message(task, body)
@@ -110,7 +108,7 @@ class Publisher:
 
     def __init__(self, broker_url: str, copies: int = 1):
         self.client = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=2)
-        self.commands = Commands(self.client)
+        self.commands = Commands.of(self.client)
         self.copies = copies
 
     def publish(self, tasks: list[Task], also=None) -> None:

@@ -62,7 +62,7 @@ def _key(order_id: str) -> str:
 class OrderViews:
     def __init__(self, client: redis.Redis, links):
         self.client = client
-        self.commands = Commands(client)  # the request path's round trips
+        self.commands = Commands.of(client)  # the busy round trips (shared with the rate limits' on this client)
         self.links = links
         self._store = client.register_script(_STORE)
 
