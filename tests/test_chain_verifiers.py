@@ -25,6 +25,8 @@ TREASURY_BASE = "0x4E8a1c1A0bC7fB7E2b1C9b1a6E3b8dD0cAfE0001"  # mixed case, as a
 MIN_CONFIRMATIONS = 12
 PRICE_CENTS = 4_500
 PRICE_UNITS = PRICE_CENTS * 10_000
+BUYER_SOL = solana_address()  # the order's buyer, as they signed in
+BUYER_BASE = evm_address()
 
 
 @pytest.fixture
@@ -52,7 +54,7 @@ def closed_port_url() -> str:
 
 # --- Solana ---------------------------------------------------------------------------------------
 
-SOL_EXPECTED = Expected(PRICE_CENTS, TREASURY_SOL, "USDC", "solana")
+SOL_EXPECTED = Expected(PRICE_CENTS, TREASURY_SOL, "USDC", "solana", BUYER_SOL)
 FINALIZED = {"encoding": "jsonParsed", "commitment": "finalized", "maxSupportedTransactionVersion": 0}
 
 
@@ -63,7 +65,7 @@ def solana(node) -> SolanaVerifier:
 @pytest.mark.parametrize("treasury_had", [0, 7_250_000_000], ids=["new-token-account", "treasury-already-held-usdc"])
 def test_solana_accepts_a_finalized_usdc_transfer_of_the_price_to_the_treasury(node, treasury_had):
     sig = solana_signature()
-    node.answers[("getTransaction", sig)] = solana_transfer(sig, USDC_SOL, solana_address(), TREASURY_SOL,
+    node.answers[("getTransaction", sig)] = solana_transfer(sig, USDC_SOL, BUYER_SOL, TREASURY_SOL,
                                                             PRICE_UNITS, to_had=treasury_had)
     solana(node).verify(None, sig, SOL_EXPECTED)
     assert node.calls == [("getTransaction", [sig, FINALIZED])]
@@ -77,15 +79,23 @@ def test_solana_accepts_a_finalized_usdc_transfer_of_the_price_to_the_treasury(n
 ], ids=["one-cent-short", "one-base-unit-over", "other-mint", "other-destination"])
 def test_solana_refuses_a_transfer_that_does_not_pay_the_order(node, mint, owner, amount, problem):
     sig = solana_signature()
-    node.answers[("getTransaction", sig)] = solana_transfer(sig, mint, solana_address(), owner, amount)
+    node.answers[("getTransaction", sig)] = solana_transfer(sig, mint, BUYER_SOL, owner, amount)
     error = refusal(lambda: solana(node).verify(None, sig, SOL_EXPECTED))
     assert error.details == {"reason": "mismatch", "problems": [problem]}
     assert problem in error.message
 
 
+def test_solana_refuses_the_price_paid_to_the_treasury_from_another_wallet(node):
+    """Anyone can read a transfer to the treasury on chain; its hash pays only the sender's order."""
+    sig = solana_signature()
+    node.answers[("getTransaction", sig)] = solana_transfer(sig, USDC_SOL, solana_address(), TREASURY_SOL, PRICE_UNITS)
+    error = refusal(lambda: solana(node).verify(None, sig, SOL_EXPECTED))
+    assert error.details == {"reason": "mismatch", "problems": ["sender is not the buyer's wallet"]}
+
+
 def test_solana_refuses_a_failed_transaction(node):
     sig = solana_signature()
-    node.answers[("getTransaction", sig)] = solana_transfer(sig, USDC_SOL, solana_address(), TREASURY_SOL,
+    node.answers[("getTransaction", sig)] = solana_transfer(sig, USDC_SOL, BUYER_SOL, TREASURY_SOL,
                                                             PRICE_UNITS, err={"InstructionError": [0, {"Custom": 1}]})
     assert refusal(lambda: solana(node).verify(None, sig, SOL_EXPECTED)).details["reason"] == "failed_transaction"
 
@@ -112,14 +122,14 @@ def test_solana_refuses_a_malformed_signature_without_asking_the_node(node, tx_h
 
 def test_solana_verifier_refuses_an_order_expecting_payment_on_base(node):
     error = refusal(lambda: solana(node).verify(None, solana_signature(), Expected(PRICE_CENTS, TREASURY_BASE,
-                                                                                   "USDC", "base")))
+                                                                                   "USDC", "base", BUYER_BASE)))
     assert error.details == {"reason": "mismatch", "problems": ["chain is solana, expected base"]}
     assert node.calls == []
 
 
 # --- Base -----------------------------------------------------------------------------------------
 
-BASE_EXPECTED = Expected(PRICE_CENTS, TREASURY_BASE.lower(), "USDC", "base")
+BASE_EXPECTED = Expected(PRICE_CENTS, TREASURY_BASE.lower(), "USDC", "base", BUYER_BASE)
 MINED_AT = 30_000_000
 
 
@@ -135,15 +145,17 @@ def mined(node, logs, status="0x1", confirmations=MIN_CONFIRMATIONS) -> str:
     return tx
 
 
-def usdc_to(to, amount, contract=USDC_BASE, index=0):
-    return transfer_log(contract, evm_address(), to, amount, "0x", MINED_AT, index)
+def usdc_to(to, amount, contract=USDC_BASE, index=0, sender=BUYER_BASE):
+    return transfer_log(contract, sender, to, amount, "0x", MINED_AT, index)
 
 
 @pytest.mark.parametrize("logs", [
     [usdc_to(TREASURY_BASE, PRICE_UNITS)],
     [usdc_to(TREASURY_BASE, PRICE_UNITS - 1_000_000), usdc_to(TREASURY_BASE, 1_000_000, index=1)],
     [usdc_to(evm_address(), 10 ** 9), usdc_to(TREASURY_BASE, PRICE_UNITS, index=1)],
-], ids=["one-transfer", "two-transfers-summing-to-the-price", "alongside-a-transfer-elsewhere"])
+    [usdc_to(TREASURY_BASE, 10 ** 6, sender=evm_address()), usdc_to(TREASURY_BASE, PRICE_UNITS, index=1)],
+], ids=["one-transfer", "two-transfers-summing-to-the-price", "alongside-a-transfer-elsewhere",
+        "alongside-someone-elses-transfer-to-the-treasury"])
 def test_base_accepts_usdc_transfers_of_the_price_to_the_treasury(node, logs):
     tx = mined(node, logs)
     base(node).verify(None, tx, BASE_EXPECTED)
@@ -157,7 +169,11 @@ def test_base_accepts_usdc_transfers_of_the_price_to_the_treasury(node, logs):
     ([usdc_to(TREASURY_BASE, PRICE_UNITS, contract=DAI_BASE)], "asset is not USDC"),
     ([usdc_to(evm_address(), PRICE_UNITS)], "destination is not the escrow treasury"),
     ([], "no USDC transfer to the escrow treasury"),
-], ids=["one-cent-short", "one-base-unit-over", "other-token", "other-destination", "no-transfer"])
+    ([usdc_to(TREASURY_BASE, PRICE_UNITS, sender=evm_address())], "sender is not the buyer's wallet"),
+    ([usdc_to(TREASURY_BASE, PRICE_UNITS - 10_000), usdc_to(TREASURY_BASE, 10_000, index=1, sender=evm_address())],
+     "amount does not match the quoted price"),
+], ids=["one-cent-short", "one-base-unit-over", "other-token", "other-destination", "no-transfer",
+        "from-another-wallet", "topped-up-by-another-wallet"])
 def test_base_refuses_a_transaction_that_does_not_pay_the_order(node, logs, problem):
     tx = mined(node, logs)
     error = refusal(lambda: base(node).verify(None, tx, BASE_EXPECTED))
@@ -303,6 +319,23 @@ def test_a_transfer_that_does_not_pay_the_order_is_refused_and_changes_nothing(m
     assert (status, body["code"], body["details"]) == (402, "payment_unverified", {"reason": "malformed_hash"})
 
     status, body = pay(api, buyer, order["id"], pay_on_chain(node, chain, buyer, payment))
+    assert status == 200 and body["data"]["status"] == "paid", body
+
+
+@pytest.mark.parametrize("chain", CHAINS)
+def test_a_transfer_seen_on_chain_pays_only_its_senders_order(make_app, node, chain):
+    api = ApiClient(make_app(**app_settings(chain, node.url)))
+    alice, alices_order, alices_payment = accepted_order(api, chain)
+    mallory, mallorys_order, mallorys_payment = accepted_order(api, chain)
+    assert (alices_payment["from_wallet"], mallorys_payment["from_wallet"]) == (alice.id, mallory.id)
+    alices_tx = pay_on_chain(node, chain, alice, alices_payment)
+
+    status, body = pay(api, mallory, mallorys_order["id"], alices_tx)
+    assert status == 402, body
+    assert body["details"] == {"reason": "mismatch", "problems": ["sender is not the buyer's wallet"]}
+    assert api.ok("GET", f"/api/orders/{mallorys_order['id']}", mallory)["status"] == "accepted"
+
+    status, body = pay(api, alice, alices_order["id"], alices_tx)
     assert status == 200 and body["data"]["status"] == "paid", body
 
 

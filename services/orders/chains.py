@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 USDC_UNITS_PER_CENT = 10_000  # USDC has 6 decimals
 TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 
+WRONG_PAYER = "sender is not the buyer's wallet"
+
 _BASE58 = re.compile(r"[1-9A-HJ-NP-Za-km-z]{64,88}")
 # lower case only: the order stores the hash as sent, so "0xAB.." and "0xab.." must not both pass
 _EVM_TX_HASH = re.compile(r"0x[0-9a-f]{64}")
@@ -85,7 +87,8 @@ class _ChainVerifier:
 
 
 class SolanaVerifier(_ChainVerifier):
-    """A finalized transaction whose token balances show the treasury's USDC going up by the price."""
+    """A finalized transaction whose token balances show the treasury's USDC going up by the price,
+    out of the buyer's own account."""
 
     name = "solana"
     malformed_message = "That is not a Solana transaction signature."
@@ -120,6 +123,8 @@ class SolanaVerifier(_ChainVerifier):
         if to_treasury > 0:
             if to_treasury != expected.amount_cents * USDC_UNITS_PER_CENT:
                 raise _mismatch(["amount does not match the quoted price"])
+            if -received.get((expected.payer, self.mint), 0) < to_treasury:  # the USDC left someone else's account
+                raise _mismatch([WRONG_PAYER])
             return
         if any(amount > 0 for (owner, _), amount in received.items() if owner == expected.destination):
             raise _mismatch([f"asset is not {expected.asset}"])
@@ -129,7 +134,8 @@ class SolanaVerifier(_ChainVerifier):
 
 
 class BaseVerifier(_ChainVerifier):
-    """A successful transaction, deep enough, whose USDC Transfer logs to the treasury sum to the price."""
+    """A successful transaction, deep enough, whose USDC Transfer logs from the buyer to the treasury
+    sum to the price."""
 
     name = "base"
     malformed_message = "That is not a Base transaction hash (0x and 64 lower-case hex digits)."
@@ -156,23 +162,34 @@ class BaseVerifier(_ChainVerifier):
         if confirmations < self.min_confirmations:
             raise _refuse("The transaction is not final yet; retry in a minute.", "not_final",
                           confirmations=max(confirmations, 0), required=self.min_confirmations)
-        treasury_topic = "0x" + expected.destination.lower().removeprefix("0x").rjust(64, "0")
-        to_treasury, other_token_to_treasury, usdc_elsewhere = 0, False, False
+        treasury_topic, payer_topic = _address_topic(expected.destination), _address_topic(expected.payer)
+        # only the buyer's own USDC transfers to the treasury count
+        to_treasury, from_others, other_token_to_treasury, usdc_elsewhere = 0, False, False, False
         for entry in receipt["logs"]:
             topics = [t.lower() for t in entry["topics"]]
             if entry.get("removed") or len(topics) != 3 or topics[0] != TRANSFER_TOPIC:
                 continue
             is_usdc, to_us = entry["address"].lower() == self.contract, topics[2] == treasury_topic
             if is_usdc and to_us:
-                to_treasury += int(entry["data"], 16)
+                if topics[1] == payer_topic:
+                    to_treasury += int(entry["data"], 16)
+                else:
+                    from_others = True
             other_token_to_treasury |= to_us and not is_usdc
             usdc_elsewhere |= is_usdc and not to_us
         if to_treasury > 0:
             if to_treasury != expected.amount_cents * USDC_UNITS_PER_CENT:
                 raise _mismatch(["amount does not match the quoted price"])
             return
+        if from_others:
+            raise _mismatch([WRONG_PAYER])
         if other_token_to_treasury:
             raise _mismatch([f"asset is not {expected.asset}"])
         if usdc_elsewhere:
             raise _mismatch(["destination is not the escrow treasury"])
         raise _mismatch([f"no {expected.asset} transfer to the escrow treasury"])
+
+
+def _address_topic(address: str) -> str:
+    """An EVM address as a log topic: 32 bytes, lower-case hex."""
+    return "0x" + address.lower().removeprefix("0x").rjust(64, "0")

@@ -12,7 +12,7 @@ from shared import errors
 from shared.db import Database, insert_or_skip, utcnow
 from shared.settings import Settings
 
-from .chains import BaseVerifier, SolanaVerifier
+from .chains import WRONG_PAYER, BaseVerifier, SolanaVerifier
 from .models import SandboxTransfer
 
 ASSET = "USDC"
@@ -24,6 +24,7 @@ class Expected:
     destination: str
     asset: str
     chain: str
+    payer: str  # the buyer's wallet: a transfer from anyone else pays no order of theirs
 
 
 def destination_for(chain: str, settings: Settings) -> str:
@@ -51,6 +52,8 @@ class SandboxVerifier:
             problems.append("destination is not the escrow treasury")
         if transfer.amount_cents != expected.amount_cents:
             problems.append("amount does not match the quoted price")
+        if transfer.from_wallet != expected.payer:
+            problems.append(WRONG_PAYER)
         if problems:
             raise errors.PaymentUnverified("The transaction does not pay this order: " + "; ".join(problems) + ".",
                                            {"reason": "mismatch", "problems": problems})

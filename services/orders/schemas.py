@@ -502,6 +502,7 @@ class PaymentOut(Schema):
     asset = fields.Str()
     chain = fields.Str()
     destination = fields.Str()
+    from_wallet = fields.Str()  # the buyer's own wallet: only a transfer from it pays the order
 
 
 class ChallengeOut(Schema):

@@ -187,7 +187,7 @@ def payment_instructions(order: Order, rt: Runtime) -> dict:
         raise errors.InvalidTransition("The order has no price yet: wait for the agent's quote.",
                                        {"status": order.status})
     return {"amount_usd": format_usd(order.quoted_price_cents), "asset": ASSET, "chain": order.client_chain,
-            "destination": destination_for(order.client_chain, rt.settings)}
+            "destination": destination_for(order.client_chain, rt.settings), "from_wallet": order.client_wallet}
 
 
 def act(session: Session, rt: Runtime, order: Order, action: str, caller: Caller, params: dict,
@@ -239,7 +239,7 @@ def _pay(session, rt, order, caller, params, now):
         raise errors.PaymentReused()
     rt.verifier.verify(session, tx_hash, Expected(order.quoted_price_cents,
                                                   destination_for(order.client_chain, rt.settings),
-                                                  ASSET, order.client_chain))
+                                                  ASSET, order.client_chain, order.client_wallet))
     order.escrow_tx_hash = tx_hash
     order.paid_at = now
     if order.price_type not in WORKSPACE_TYPES:
