@@ -322,6 +322,20 @@ def test_a_transfer_that_does_not_pay_the_order_is_refused_and_changes_nothing(m
     assert status == 200 and body["data"]["status"] == "paid", body
 
 
+def test_a_base_hash_pays_in_any_case_and_only_once(make_app, node):
+    api = ApiClient(make_app(**app_settings("base", node.url)))
+    buyer, order, payment = accepted_order(api, "base")
+    tx = pay_on_chain(node, "base", buyer, payment)
+
+    status, body = pay(api, buyer, order["id"], "0x" + tx[2:].upper())  # as some tools show it
+    assert status == 200 and body["data"]["escrow_tx_hash"] == tx, body
+
+    agent = api.agent()
+    other = api.walk(agent, buyer, api.order(buyer, api.service(agent, price_usd="45.00")), "accepted")
+    status, body = pay(api, buyer, other["id"], tx)
+    assert (status, body["code"]) == (409, "payment_reused"), body
+
+
 @pytest.mark.parametrize("chain", CHAINS)
 def test_a_transfer_seen_on_chain_pays_only_its_senders_order(make_app, node, chain):
     api = ApiClient(make_app(**app_settings(chain, node.url)))

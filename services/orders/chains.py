@@ -27,7 +27,7 @@ TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523
 WRONG_PAYER = "sender is not the buyer's wallet"
 
 _BASE58 = re.compile(r"[1-9A-HJ-NP-Za-km-z]{64,88}")
-# lower case only: the order stores the hash as sent, so "0xAB.." and "0xab.." must not both pass
+# lower case only (the pay action lowers a Base hash first), so "0xAB.." and "0xab.." are one hash
 _EVM_TX_HASH = re.compile(r"0x[0-9a-f]{64}")
 
 
@@ -138,7 +138,7 @@ class BaseVerifier(_ChainVerifier):
     sum to the price."""
 
     name = "base"
-    malformed_message = "That is not a Base transaction hash (0x and 64 lower-case hex digits)."
+    malformed_message = "That is not a Base transaction hash (0x and 64 hex digits)."
 
     def __init__(self, settings: Settings):
         self.contract = settings.usdc_contract_base.lower()

@@ -235,6 +235,8 @@ def _quote(session, rt, order, caller, params, now):
 
 def _pay(session, rt, order, caller, params, now):
     tx_hash = params["escrow_tx_hash"]
+    if order.client_chain == "base":  # hex: one hash in any case, stored as nodes and explorers write it
+        tx_hash = tx_hash.lower()
     if session.scalar(select(Order.id).where(Order.escrow_tx_hash == tx_hash)):
         raise errors.PaymentReused()
     rt.verifier.verify(session, tx_hash, Expected(order.quoted_price_cents,
