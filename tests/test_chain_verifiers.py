@@ -2,6 +2,7 @@
 first the verifiers alone, then a buyer paying an order through the API."""
 from __future__ import annotations
 
+import threading
 from decimal import Decimal
 
 import pytest
@@ -351,6 +352,31 @@ def test_a_transfer_seen_on_chain_pays_only_its_senders_order(make_app, node, ch
 
     status, body = pay(api, alice, alices_order["id"], alices_tx)
     assert status == 200 and body["data"]["status"] == "paid", body
+
+
+@pytest.mark.parametrize("chain", CHAINS)
+def test_a_slow_node_does_not_hold_the_order_locked(make_app, node, chain):
+    """While a pay waits for the node, the order can still change; the pay then finds it changed."""
+    app = make_app(**app_settings(chain, node.url))
+    api = ApiClient(app)
+    buyer, order, payment = accepted_order(api, chain)
+    tx = pay_on_chain(node, chain, buyer, payment)
+    node.hold = threading.Event()
+    answers = []
+    paying = threading.Thread(target=lambda: answers.append(pay(ApiClient(app), buyer, order["id"], tx)))
+    paying.start()
+    try:
+        assert node.asked.wait(10), "the pay never asked the node"
+        cancelled = api.ok("PATCH", f"/api/orders/{order['id']}", buyer, json={"action": "cancel"})
+        assert cancelled["status"] == "cancelled"
+        assert paying.is_alive()  # the cancel did not wait for the pay's answer from the node
+    finally:
+        node.hold.set()
+        paying.join(30)
+    (status, body), = answers
+    assert (status, body["code"]) == (409, "invalid_transition"), body
+    after = api.ok("GET", f"/api/orders/{order['id']}", buyer)
+    assert (after["status"], after["escrow_tx_hash"]) == ("cancelled", None)
 
 
 @pytest.mark.parametrize("chain", CHAINS)

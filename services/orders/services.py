@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from sqlalchemy import func, select, tuple_, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, object_session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from shared import errors, logs
@@ -194,10 +194,7 @@ def act(session: Session, rt: Runtime, order: Order, action: str, caller: Caller
         now: dt.datetime | None = None) -> Order:
     """Take one action of the table on the order, with its effect, timeline entry and event."""
     now = now or utcnow()
-    actor = "system" if caller.kind == "system" else party_of(order, caller)
-    if actor is None:
-        raise errors.NotFound("No such order.")
-    row = sm.find(action, actor, order, now, rt.settings)
+    row = _allowed(order, action, caller, now, rt.settings)
     effect = EFFECTS.get(action)
     variant = effect(session, rt, order, caller, params, now) if effect else None
     source, target = order.status, row.target(variant or "default")
@@ -227,6 +224,35 @@ def act(session: Session, rt: Runtime, order: Order, action: str, caller: Caller
     return order
 
 
+def _allowed(order: Order, action: str, caller: Caller, now: dt.datetime, settings: Settings) -> sm.Transition:
+    """The table's row for this action by this caller, or the error that refuses it."""
+    actor = "system" if caller.kind == "system" else party_of(order, caller)
+    if actor is None:
+        raise errors.NotFound("No such order.")
+    return sm.find(action, actor, order, now, settings)
+
+
+def verify_payment(session: Session, rt: Runtime, order: Order, caller: Caller, params: dict) -> None:
+    """Check a pay before the order's row is locked, with `act`'s refusals first (who, which state,
+    a reused hash), then the payment network's answer. That answer can take a node's whole timeout,
+    and the order's row lock (on SQLite the database's write lock) should not wait on it. What was
+    verified goes into params: the locked pay asks again only if the order's price or wallet differ."""
+    _allowed(order, "pay", caller, utcnow(), rt.settings)
+    tx_hash, expected = _payment_of(order, rt, params["escrow_tx_hash"])
+    rt.verifier.verify(session, tx_hash, expected)
+    params["_verified"] = (tx_hash, expected)
+
+
+def _payment_of(order: Order, rt: Runtime, tx_hash: str) -> tuple[str, Expected]:
+    """The hash as stored, and the transfer it must be; a hash that paid an order already is refused."""
+    if order.client_chain == "base":  # hex: one hash in any case, stored as nodes and explorers write it
+        tx_hash = tx_hash.lower()
+    if object_session(order).scalar(select(Order.id).where(Order.escrow_tx_hash == tx_hash)):
+        raise errors.PaymentReused()
+    return tx_hash, Expected(order.quoted_price_cents, destination_for(order.client_chain, rt.settings), ASSET,
+                             order.client_chain, order.client_wallet)
+
+
 # effects: run after the table allowed the action and before the state changes; may pick a variant
 
 def _quote(session, rt, order, caller, params, now):
@@ -234,14 +260,9 @@ def _quote(session, rt, order, caller, params, now):
 
 
 def _pay(session, rt, order, caller, params, now):
-    tx_hash = params["escrow_tx_hash"]
-    if order.client_chain == "base":  # hex: one hash in any case, stored as nodes and explorers write it
-        tx_hash = tx_hash.lower()
-    if session.scalar(select(Order.id).where(Order.escrow_tx_hash == tx_hash)):
-        raise errors.PaymentReused()
-    rt.verifier.verify(session, tx_hash, Expected(order.quoted_price_cents,
-                                                  destination_for(order.client_chain, rt.settings),
-                                                  ASSET, order.client_chain, order.client_wallet))
+    tx_hash, expected = _payment_of(order, rt, params["escrow_tx_hash"])
+    if params.pop("_verified", None) != (tx_hash, expected):  # not verified before the lock, or for another price
+        rt.verifier.verify(session, tx_hash, expected)
     order.escrow_tx_hash = tx_hash
     order.paid_at = now
     if order.price_type not in WORKSPACE_TYPES:

@@ -6,6 +6,9 @@ served over real HTTP, with a record of the calls it got.
         ... point the verifier at node.url ...
         assert node.methods() == [...]
 
+A slow node: set `node.hold` to a threading.Event; answers wait until it is set, and `node.asked`
+tells when the first call came in.
+
 An answer is looked up by (method, the transaction it is about), then by method alone; it is a
 result (None included), an RpcError, or an HttpReply. A call with no answer gets a JSON-RPC
 "method not found" error, so a test that forgot one fails loudly."""
@@ -39,6 +42,8 @@ class JsonRpcServer:
     def __init__(self, answers: dict | None = None):
         self.answers = dict(answers or {})
         self.calls: list[tuple[str, list]] = []
+        self.asked = threading.Event()  # set by the first call
+        self.hold: threading.Event | None = None  # when set to an Event, every answer waits for it
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -57,6 +62,9 @@ class JsonRpcServer:
             def do_POST(self):
                 request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 node.calls.append((request["method"], request["params"]))
+                node.asked.set()
+                if node.hold is not None:
+                    node.hold.wait(30)
                 status, body = node._reply(request)
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
