@@ -300,6 +300,8 @@ def test_a_buyer_pays_an_order_with_a_chain_transfer(make_app, node, chain):
     status, body = pay(api, buyer, order["id"], tx)
     assert status == 200, body
     assert body["data"]["status"] == "paid" and body["data"]["escrow_tx_hash"] == tx
+    # asked once, before the order was locked; the locked pay took that answer
+    assert node.methods() == (["getTransaction"] if chain == "solana" else ["eth_getTransactionReceipt", "eth_blockNumber"])
     assert api.ok("GET", f"/api/orders/{order['id']}", buyer)["status"] == "paid"
 
 
