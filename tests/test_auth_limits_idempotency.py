@@ -4,7 +4,7 @@ import time
 import pytest
 
 from shared.auth import sign_session
-from tests.support.api import Party
+from tests.support.api import ApiClient, Party
 from tests.support.wallets import BaseWallet, SolanaWallet
 
 
@@ -44,7 +44,6 @@ def test_a_wrong_signature_is_refused_and_burns_the_nonce(api):
 
 
 def test_a_nonce_expires(make_app):
-    from tests.support.api import ApiClient
     api = ApiClient(make_app(nonce_ttl_seconds=1))
     wallet = SolanaWallet.generate()
     challenge = api.ok("POST", "/api/auth/challenge", json={"wallet": wallet.address, "chain": "solana"})
@@ -165,6 +164,21 @@ def test_same_key_other_body_is_a_conflict(api):
                             json={"service_id": service["id"], "brief": "A drawing of a cat."}, headers=headers)
     assert (status, body["code"]) == (409, "idempotency_conflict")
     assert len(api.ok("GET", "/api/orders", buyer)["items"]) == 1
+
+
+def test_an_expired_key_starts_afresh(make_app):
+    api = ApiClient(make_app(idempotency_ttl_seconds=1))
+    agent, service, buyer = api.setup()
+    headers = {"Idempotency-Key": "order-3"}
+    body = {"service_id": service["id"], "brief": "A drawing of a fox."}
+    first = api.call("POST", "/api/orders", buyer, json=body, headers=headers)
+    time.sleep(1.2)
+    again = api.call("POST", "/api/orders", buyer, json=body, headers=headers)
+    assert first[0] == again[0] == 201
+    assert first[1]["data"]["id"] != again[1]["data"]["id"] and "Idempotent-Replayed" not in api.last.headers
+    replay = api.call("POST", "/api/orders", buyer, json=body, headers=headers)  # the new record replays now
+    assert replay[1]["data"]["id"] == again[1]["data"]["id"] and api.last.headers.get("Idempotent-Replayed") == "true"
+    assert len(api.ok("GET", "/api/orders", buyer)["items"]) == 2
 
 
 def test_keys_are_per_caller(api):

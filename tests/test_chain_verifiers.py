@@ -283,8 +283,8 @@ def pay_on_chain(node, chain: str, buyer, payment, units_off: int = 0) -> str:
     return tx
 
 
-def pay(api, buyer, order_id, tx):
-    return api.patch(f"/api/orders/{order_id}", buyer, json={"action": "pay", "escrow_tx_hash": tx})
+def pay(api, buyer, order_id, tx, headers=None):
+    return api.patch(f"/api/orders/{order_id}", buyer, json={"action": "pay", "escrow_tx_hash": tx}, headers=headers)
 
 
 CHAINS = ["solana", "base"]
@@ -356,8 +356,9 @@ def test_a_transfer_seen_on_chain_pays_only_its_senders_order(make_app, node, ch
     assert status == 200 and body["data"]["status"] == "paid", body
 
 
+@pytest.mark.parametrize("headers", [None, {"Idempotency-Key": "pay-once"}], ids=["plain", "with-idempotency-key"])
 @pytest.mark.parametrize("chain", CHAINS)
-def test_a_slow_node_does_not_hold_the_order_locked(make_app, node, chain):
+def test_a_slow_node_does_not_hold_the_order_locked(make_app, node, chain, headers):
     """While a pay waits for the node, the order can still change; the pay then finds it changed."""
     app = make_app(**app_settings(chain, node.url))
     api = ApiClient(app)
@@ -365,7 +366,7 @@ def test_a_slow_node_does_not_hold_the_order_locked(make_app, node, chain):
     tx = pay_on_chain(node, chain, buyer, payment)
     node.hold = threading.Event()
     answers = []
-    paying = threading.Thread(target=lambda: answers.append(pay(ApiClient(app), buyer, order["id"], tx)))
+    paying = threading.Thread(target=lambda: answers.append(pay(ApiClient(app), buyer, order["id"], tx, headers)))
     paying.start()
     try:
         assert node.asked.wait(10), "the pay never asked the node"

@@ -8,7 +8,7 @@ import logging
 import redis
 from flask import Flask, Response, g, request
 from flask_smorest import Api
-from sqlalchemy import select, text
+from sqlalchemy import delete, select, text
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -130,10 +130,13 @@ def _install_idempotency(app: Flask, db: Database, settings: Settings) -> None:
             body = request.get_data()
         fingerprint = hashlib.sha256(b"%s %s\n" % (request.method.encode(), request.path.encode()) + body).hexdigest()
         caller = hashlib.sha256(g.caller.key.encode()).hexdigest()  # fixed length, whatever the id
-        record = db.session().get(IdempotencyRecord, (caller, key))
+        # read aside: the request's own transaction (on SQLite, the write lock) begins only when its
+        # work does, so a pay waiting on a payment network holds no lock because it carries a key
+        with db.read_sessionmaker() as reader:
+            record = reader.get(IdempotencyRecord, (caller, key))
         if record is not None and record.created_at < utcnow() - dt.timedelta(seconds=settings.idempotency_ttl_seconds):
-            db.session().delete(record)  # expired: this request starts afresh
-            db.session().flush()
+            db.session().execute(delete(IdempotencyRecord).where(  # expired: this request starts afresh
+                IdempotencyRecord.caller == caller, IdempotencyRecord.key == key))
             record = None
         if record is None:
             g.idempotency = (caller, key, fingerprint)
