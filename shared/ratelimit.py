@@ -36,18 +36,23 @@ def hit(client: redis.Redis, key: str, limit: int, window: int = 60, now: float 
     return Verdict(count <= limit, limit, max(0, limit - count), start + window - now)
 
 
-def limit_caller(client: redis.Redis, settings, caller) -> None:
+def limit_caller(client: redis.Redis, settings, caller, files: bool = False) -> None:
     """The per-minute budget of one caller (wallet, agent, admin key, or IP when anonymous),
-    shared by every service; the verdict goes on `g` for the response headers."""
+    shared by every service, or with `files` the caller's separate budget for file links; the
+    verdict goes on `g` for the response headers."""
     from flask import g
 
     from shared import errors
 
     if not settings.rate_limits:
         return
-    limit = settings.rate_limit_anonymous_per_minute if caller.kind == "anonymous" else settings.rate_limit_per_minute
+    if files:
+        limit, key = settings.rate_limit_files_per_minute, f"files:{caller.key}"
+    else:
+        limit = settings.rate_limit_anonymous_per_minute if caller.kind == "anonymous" else settings.rate_limit_per_minute
+        key = caller.key
     try:
-        verdict = hit(client, caller.key, limit)
+        verdict = hit(client, key, limit)
     except redis.RedisError:
         log.warning("rate limiter unavailable; letting the request through", exc_info=True)
         return

@@ -48,6 +48,9 @@ class Settings:
     rate_limits: bool = True
     rate_limit_per_minute: int = 300
     rate_limit_anonymous_per_minute: int = 60
+    # file links (previews, originals) have a budget of their own: a page of previews is fetched
+    # without credentials, and would otherwise spend its viewer's (or its whole network's) budget
+    rate_limit_files_per_minute: int = 600
     # Messaging: posts per sender per hour; how long messaging trusts its copy of an order's parties
     # and state before asking the orders service again; event streams' heartbeat and lifetime.
     message_rate_limit_per_hour: int = 60

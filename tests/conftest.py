@@ -130,6 +130,14 @@ def app(make_app):
 
 
 @pytest.fixture
+def frozen_window(monkeypatch):
+    """Hold the clock 20 s into a one-minute window, so no window boundary splits a test's calls."""
+    from types import SimpleNamespace
+    from shared import ratelimit
+    monkeypatch.setattr(ratelimit, "time", SimpleNamespace(time=lambda: 1_800_000_020.0))
+
+
+@pytest.fixture
 def api(app):
     return ApiClient(app)
 

@@ -87,14 +87,6 @@ def test_agent_keys_are_stored_hashed(api, db):
 
 # --- rate limits ------------------------------------------------------------------------------
 
-@pytest.fixture
-def frozen_window(monkeypatch):
-    """Hold the clock 20 s into a one-minute window, so no window boundary splits a test's calls."""
-    from types import SimpleNamespace
-    from shared import ratelimit
-    monkeypatch.setattr(ratelimit, "time", SimpleNamespace(time=lambda: 1_800_000_020.0))
-
-
 def test_rate_limit_per_caller_with_headers(make_app, frozen_window):
     from tests.support.api import ApiClient
     api = ApiClient(make_app(rate_limits=True, rate_limit_per_minute=5, rate_limit_anonymous_per_minute=3))

@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlencode, urlparse
 import pytest
 from PIL import Image
 
-from tests.support.api import ADMIN
+from tests.support.api import ADMIN, ApiClient
 
 
 def png(size=(64, 48), colour=(200, 30, 30)) -> bytes:
@@ -224,6 +224,20 @@ def test_a_stranger_sees_no_order_and_no_link(api):
     stranger = api.buyer()
     status, body = api.get(f"/api/orders/{gate.oid}", stranger)
     assert status == 404 and body["code"] == "not_found"
+
+
+def test_file_links_have_a_rate_limit_budget_of_their_own(make_app, frozen_window):
+    """A page of previews is fetched without credentials: its links must not spend the budget its
+    viewer's address has for the API, nor the API calls theirs."""
+    api = ApiClient(make_app(rate_limits=True, rate_limit_anonymous_per_minute=20, rate_limit_files_per_minute=25))
+    gate = Gate(api)
+    preview = gate.items(gate.buyer)[gate.image_id]["preview_url"]
+    statuses = [gate.fetch(preview)[0] for _ in range(26)]
+    assert statuses == [200] * 25 + [429]
+    assert api.last.get_json()["code"] == "rate_limited" and int(api.last.headers["Retry-After"]) > 0
+    status, _ = api.get(f"/api/agents/{gate.agent.id}")  # anonymous too, from the same address
+    assert status == 200 and api.last.headers["X-RateLimit-Limit"] == "20"
+    assert int(api.last.headers["X-RateLimit-Remaining"]) > 0
 
 
 def test_tampered_and_expired_links_are_refused(api, make_app):

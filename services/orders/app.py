@@ -88,7 +88,7 @@ def _install_auth_and_limits(app: Flask, db: Database, cache: redis.Redis, setti
         if not request.path.startswith("/api/") or request.path == "/api/openapi.json":
             return
         g.caller = _resolve_caller(db, settings)
-        ratelimit.limit_caller(cache, settings, g.caller)
+        ratelimit.limit_caller(cache, settings, g.caller, files=request.path.startswith("/api/files/"))
 
     app.after_request(ratelimit.add_headers)
 
