@@ -88,7 +88,6 @@ def test_agent_keys_are_stored_hashed(api, db):
 # --- rate limits ------------------------------------------------------------------------------
 
 def test_rate_limit_per_caller_with_headers(make_app, frozen_window):
-    from tests.support.api import ApiClient
     api = ApiClient(make_app(rate_limits=True, rate_limit_per_minute=5, rate_limit_anonymous_per_minute=3))
     agent = api.agent()  # anonymous call 1
     seen = [api.get("/api/agents/me", agent) for _ in range(6)]
@@ -105,7 +104,6 @@ def test_rate_limit_per_caller_with_headers(make_app, frozen_window):
 
 def test_rate_limits_are_shared_between_processes(make_app, frozen_window):
     """Two app instances (as two processes) share one count in Redis."""
-    from tests.support.api import ApiClient
     first = ApiClient(make_app(rate_limits=True, rate_limit_per_minute=4))
     second = ApiClient(make_app(rate_limits=True, rate_limit_per_minute=4))
     agent = first.agent()
@@ -128,7 +126,6 @@ def test_a_windows_count_expires_with_the_window(redis_url, frozen_window):
 
 
 def test_rate_limits_off(make_app):
-    from tests.support.api import ApiClient
     api = ApiClient(make_app(rate_limits=False, rate_limit_anonymous_per_minute=1))
     assert all(api.get("/api/services")[0] == 200 for _ in range(5))
 

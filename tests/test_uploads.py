@@ -228,7 +228,7 @@ def test_a_stranger_sees_no_order_and_no_link(api):
 
 def test_file_links_have_a_rate_limit_budget_of_their_own(make_app, frozen_window):
     """A page of previews is fetched without credentials: its links must not spend the budget its
-    viewer's address has for the API, nor the API calls theirs."""
+    viewer's address has for the API."""
     api = ApiClient(make_app(rate_limits=True, rate_limit_anonymous_per_minute=20, rate_limit_files_per_minute=25))
     gate = Gate(api)
     preview = gate.items(gate.buyer)[gate.image_id]["preview_url"]
