@@ -71,10 +71,11 @@ class _Messages:
         body = self._bodies.get(key)
         if body is None:
             body = self._bodies[key] = task_body(task)
-        extra = task.headers or {}
-        if not _OWN_HEADERS.isdisjoint(extra):
+        extra = task.headers
+        if extra and not _OWN_HEADERS.isdisjoint(extra):
             return _plain_message(task, body)
-        extra_json = self._extras.get(id(extra))
+        # by the dict's id: the batch's tasks hold their headers, so no id is reused meanwhile
+        extra_json = self._extras.get(id(extra)) if extra else ""
         if extra_json is None:
             extra_json = self._extras[id(extra)] = "".join(f", {_q(k)}: {json.dumps(v)}" for k, v in extra.items())
         task_id = _q(task.id or str(uuid.uuid4()))
