@@ -51,7 +51,8 @@ from tests.support.net import free_port  # noqa: E402  (one picker: never the sa
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/orderdesk_bench"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
 # The one server configuration every app gets.
-GUNICORN = ("--workers", "2", "--worker-class", "gthread", "--threads", "4", "--log-level", "warning")
+GUNICORN = ("--workers", "2", "--worker-class", "gthread", "--threads", "4", "--log-level", "warning",
+            "--no-control-socket")  # no gunicornc here, and no taking the user's default control socket
 TARGETS = {"get": 0.5, "approve": 0.25}  # orders figure ≥ this × its hello figure
 
 

@@ -24,9 +24,12 @@ class Process:
 
 
 def web(name: str, app: str, port: int, workers: int = 2, threads: int = 4, kind: str = "web") -> Process:
+    # each server's control socket (`gunicornc -s var/run/gunicorn-<port>.ctl`) is its own: by default
+    # every gunicorn of the user's shares ~/.gunicorn/gunicorn.ctl, each taking it from the last
     argv = (
         sys.executable, "-m", "gunicorn", "--worker-class", "gthread",
-        "--workers", str(workers), "--threads", str(threads), "--bind", f"127.0.0.1:{port}", app,
+        "--workers", str(workers), "--threads", str(threads), "--bind", f"127.0.0.1:{port}",
+        "--control-socket", f"var/run/gunicorn-{port}.ctl", app,
     )
     return Process(name, argv, kind, port)
 

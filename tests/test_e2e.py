@@ -254,6 +254,17 @@ def test_the_gateway_never_exposes_internal_routes(stack):
     assert "/api/orders/{order_id}" in doc["paths"] and "/api/orders/{order_id}/messages" in doc["paths"]
 
 
+def test_each_gunicorn_answers_on_a_control_socket_of_its_own(stack):
+    """`gunicornc` reaches each web process of the runner by its port, each with its own workers."""
+    gunicornc = Path(sys.executable).parent / "gunicornc"
+    env = stack["env"]
+    for port, workers in ((env["ORDERS_PORT"], 2), (env["MESSAGING_PORT"], 2), (env["GATEWAY_PORT"], 1)):
+        answer = subprocess.run([str(gunicornc), "-s", str(ROOT / "var" / "run" / f"gunicorn-{port}.ctl"),
+                                 "-c", "show workers", "-j"], capture_output=True, text=True, timeout=30)
+        assert answer.returncode == 0, answer.stderr
+        assert json.loads(answer.stdout)["count"] == workers
+
+
 def test_an_uploaded_image_is_previewed_by_the_media_worker_and_its_original_gated(stack):
     import io
     from PIL import Image

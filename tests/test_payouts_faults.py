@@ -91,7 +91,8 @@ def system(make_app, migrated):
     app = make_app(redis_url=redis_server.url)  # wipes the tables; sets up actors in process
     procs = {
         "orders": Proc("orders", [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--workers", "2",
-                                  "--threads", "4", "--bind", f"127.0.0.1:{port}", "services.orders.wsgi:app"],
+                                  "--threads", "4", "--bind", f"127.0.0.1:{port}", "--no-control-socket",
+                                  "services.orders.wsgi:app"],
                        env, logdir),
         "relay": Proc("relay", celery("services.orders.worker", "worker", "-Q", "default", "--concurrency", "2",
                                       "--without-gossip", "--without-mingle"), env, logdir),

@@ -68,7 +68,8 @@ def web(make_app, migrated, redis_url, tmp_path):
     env = dict(os.environ, DATABASE_URL=migrated.url.replace("postgresql+psycopg://", "postgresql://"),
                REDIS_URL=redis_url, RATE_LIMITS="off", LOG_LEVEL="WARNING", MEDIA_ROOT=str(tmp_path / "media"))
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--workers", "1",
-                             "--threads", "2", "--bind", f"127.0.0.1:{port}", "services.orders.wsgi:app"],
+                             "--threads", "2", "--bind", f"127.0.0.1:{port}", "--no-control-socket",
+                             "services.orders.wsgi:app"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     for _ in range(200):

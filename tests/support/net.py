@@ -52,7 +52,7 @@ class GunicornProcess:
         self.log = open(os.devnull, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--workers", "1", "--threads",
-             str(threads), "--bind", f"127.0.0.1:{self.port}", app],
+             str(threads), "--bind", f"127.0.0.1:{self.port}", "--no-control-socket", app],
             cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True)
 
