@@ -41,6 +41,11 @@ def new_webhook_secret() -> str:
     return "whsec_" + secrets.token_urlsafe(32)
 
 
+def anonymous_caller() -> Caller:
+    """The caller of a request without credentials, known by its address (the client's, behind the gateway)."""
+    return Caller("anonymous", request.remote_addr or "unknown")
+
+
 def bearer_token() -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")

@@ -62,6 +62,22 @@ def limit_caller(client: redis.Redis, settings, caller, files: bool = False) -> 
                                  f"{verdict.reset} s.", headers=verdict.headers())
 
 
+def limit_request(client: redis.Redis, settings, resolve, files: bool = False):
+    """The request's caller (`resolve()`), counted against its budget as limit_caller counts it.
+    Credentials that are refused count against their address's anonymous budget before the 401, so
+    guessing keys or tokens is limited like any anonymous caller: past the limit the answer is 429."""
+    from shared import errors
+    from shared.auth import anonymous_caller
+
+    try:
+        caller = resolve()
+    except errors.Unauthenticated:
+        limit_caller(client, settings, anonymous_caller())
+        raise
+    limit_caller(client, settings, caller, files=files)
+    return caller
+
+
 def add_headers(response):
     """after_request: the X-RateLimit-* headers of the request's verdict."""
     from flask import g

@@ -102,6 +102,21 @@ def test_rate_limit_per_caller_with_headers(make_app, frozen_window):
     assert api.last.headers["X-RateLimit-Remaining"] == "4"
 
 
+def test_refused_credentials_count_against_the_address_and_end_in_429(make_app, frozen_window):
+    """Guessing agent keys, session tokens or admin keys is limited like any anonymous caller."""
+    api = ApiClient(make_app(rate_limits=True, rate_limit_per_minute=50, rate_limit_anonymous_per_minute=5))
+    agent = api.agent()  # anonymous call 1 of 5
+    guesses = [{"Authorization": "Bearer atl_" + "A" * 43}, {"Authorization": "Bearer ses.e30.bad"},
+               {"Authorization": "Bearer not-an-admin-key"}, {"Authorization": "Basic Zm94OmZveA=="}]
+    seen = [api.call("GET", "/api/agents/me", headers=headers) for headers in guesses]
+    assert [(status, body["code"]) for status, body in seen] == [(401, "unauthenticated")] * 4
+    assert api.last.headers["X-RateLimit-Remaining"] == "0"
+    status, body = api.call("GET", "/api/agents/me", headers={"Authorization": "Bearer atl_" + "B" * 43})
+    assert (status, body["code"]) == (429, "rate_limited") and api.last.headers["Retry-After"] == "40"
+    assert api.get("/api/services")[0] == 429  # the address's anonymous calls share that budget
+    assert api.get("/api/agents/me", agent)[0] == 200  # a caller with good credentials has its own
+
+
 def test_rate_limits_are_shared_between_processes(make_app, frozen_window):
     """Two app instances (as two processes) share one count in Redis."""
     first = ApiClient(make_app(rate_limits=True, rate_limit_per_minute=4))

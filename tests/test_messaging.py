@@ -288,6 +288,16 @@ def test_anonymous_and_bad_credentials_get_401(api, chat):
     assert chat.stored(order["id"]) == []
 
 
+def test_refused_credentials_count_against_the_address_and_end_in_429(make_messaging, frozen_window):
+    """Guessing keys or tokens here is limited like any anonymous caller, as on the orders service."""
+    chat = Chat(make_messaging(rate_limits=True, rate_limit_anonymous_per_minute=3))
+    path = "/api/orders/ord_x/messages"
+    for token in ("atl_" + "A" * 43, "ses.e30.bad", "not-an-admin-key"):
+        assert_error(*chat.call("GET", path, headers={"Authorization": f"Bearer {token}"}), 401, "unauthenticated")
+    assert_error(*chat.call("GET", path, headers={"Authorization": "Bearer atl_" + "B" * 43}), 429, "rate_limited")
+    assert_error(*chat.call("GET", path), 429, "rate_limited")
+
+
 def test_admins_read_any_conversation_without_marking_it_read_but_cannot_post(api, chat):
     agent, buyer, order = api.order_in("paid")
     chat.say(order["id"], buyer, "Admin may read this.")

@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from shared import errors, ratelimit
-from shared.auth import Caller, bearer_token, is_admin_key, verify_session
+from shared.auth import Caller, anonymous_caller, bearer_token, is_admin_key, verify_session
 from shared.celery_app import make_celery
 from shared.db import Database
 from shared.settings import Settings, load
@@ -138,9 +138,8 @@ def _install_auth_and_limits(app: Flask, rt: Runtime) -> None:
         if not request.path.startswith("/api/") or request.path == "/api/openapi.json":
             return
         rt.background.ensure_started()
-        g.caller = _resolve_caller(rt)
         # the same per-minute budget per caller as the orders service (the same Redis keys)
-        ratelimit.limit_caller(rt.cache, settings, g.caller)
+        g.caller = ratelimit.limit_request(rt.cache, settings, lambda: _resolve_caller(rt))
 
     app.after_request(ratelimit.add_headers)
 
@@ -149,7 +148,7 @@ def _resolve_caller(rt: Runtime) -> Caller:
     """Buyers' session tokens are checked here; agents' keys by the orders service (cached)."""
     token = bearer_token()
     if token is None:
-        return Caller("anonymous", request.remote_addr or "unknown")
+        return anonymous_caller()
     if token.startswith("atl_"):
         agent_id = rt.access.agent_for_key(token)
         if agent_id is None:

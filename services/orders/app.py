@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm.exc import StaleDataError
 
 from shared import errors, ratelimit
-from shared.auth import Caller, bearer_token, is_admin_key, verify_session
+from shared.auth import Caller, anonymous_caller, bearer_token, is_admin_key, verify_session
 from shared.celery_app import make_celery
 from shared.db import Database, utcnow
 from shared.settings import Settings, load
@@ -87,8 +87,8 @@ def _install_auth_and_limits(app: Flask, db: Database, cache: redis.Redis, setti
     def _authenticate():
         if not request.path.startswith("/api/") or request.path == "/api/openapi.json":
             return
-        g.caller = _resolve_caller(db, settings)
-        ratelimit.limit_caller(cache, settings, g.caller, files=request.path.startswith("/api/files/"))
+        g.caller = ratelimit.limit_request(cache, settings, lambda: _resolve_caller(db, settings),
+                                           files=request.path.startswith("/api/files/"))
 
     app.after_request(ratelimit.add_headers)
 
@@ -96,7 +96,7 @@ def _install_auth_and_limits(app: Flask, db: Database, cache: redis.Redis, setti
 def _resolve_caller(db: Database, settings: Settings) -> Caller:
     token = bearer_token()
     if token is None:
-        return Caller("anonymous", request.remote_addr or "unknown")
+        return anonymous_caller()
     if token.startswith("atl_"):
         agent = services.agent_by_key(db.session(), token)
         if agent is None:
