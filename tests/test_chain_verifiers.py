@@ -72,6 +72,21 @@ def test_solana_accepts_a_finalized_usdc_transfer_of_the_price_to_the_treasury(n
     assert node.calls == [("getTransaction", [sig, FINALIZED])]
 
 
+def test_solana_treasury_may_be_its_usdc_token_account(node):
+    """TREASURY_SOLANA set to the treasury's token account instead of its wallet: a transfer into
+    that account pays; one into another token account of the same wallet does not."""
+    treasury_account = solana_address()
+    expected = Expected(PRICE_CENTS, treasury_account, "USDC", "solana", BUYER_SOL)
+    sig = solana_signature()
+    node.answers[("getTransaction", sig)] = solana_transfer(sig, USDC_SOL, BUYER_SOL, TREASURY_SOL, PRICE_UNITS,
+                                                            to_account=treasury_account)
+    solana(node).verify(None, sig, expected)
+    other = solana_signature()
+    node.answers[("getTransaction", other)] = solana_transfer(other, USDC_SOL, BUYER_SOL, TREASURY_SOL, PRICE_UNITS)
+    error = refusal(lambda: solana(node).verify(None, other, expected))
+    assert error.details == {"reason": "mismatch", "problems": ["destination is not the escrow treasury"]}
+
+
 @pytest.mark.parametrize("mint, owner, amount, problem", [
     (USDC_SOL, TREASURY_SOL, PRICE_UNITS - 10_000, "amount does not match the quoted price"),
     (USDC_SOL, TREASURY_SOL, PRICE_UNITS + 1, "amount does not match the quoted price"),

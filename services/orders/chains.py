@@ -88,7 +88,8 @@ class _ChainVerifier:
 
 class SolanaVerifier(_ChainVerifier):
     """A finalized transaction whose token balances show the treasury's USDC going up by the price,
-    out of the buyer's own account."""
+    out of the buyer's own account. The treasury (TREASURY_SOLANA) is its wallet or its USDC token
+    account: a transfer to either pays."""
 
     name = "solana"
     malformed_message = "That is not a Solana transaction signature."
@@ -114,11 +115,15 @@ class SolanaVerifier(_ChainVerifier):
         meta = tx["meta"]
         if meta["err"] is not None:
             raise _refuse("The transaction failed on Solana.", "failed_transaction")
-        received: dict[tuple[str, str], int] = {}  # (owner, mint) -> base units gained
+        # the treasury may be configured as its wallet or as its USDC token account: each token
+        # account's change counts for the account itself and for the wallet that owns it
+        accounts = [key["pubkey"] if isinstance(key, dict) else key for key in tx["transaction"]["message"]["accountKeys"]]
+        received: dict[tuple[str, str], int] = {}  # (holder, mint) -> base units gained
         for sign, key in ((-1, "preTokenBalances"), (1, "postTokenBalances")):
             for entry in meta.get(key) or []:
-                owner_mint = (entry.get("owner"), entry["mint"])
-                received[owner_mint] = received.get(owner_mint, 0) + sign * int(entry["uiTokenAmount"]["amount"])
+                for holder in {entry.get("owner"), accounts[entry["accountIndex"]]}:
+                    received[(holder, entry["mint"])] = (received.get((holder, entry["mint"]), 0)
+                                                         + sign * int(entry["uiTokenAmount"]["amount"]))
         to_treasury = received.get((expected.destination, self.mint), 0)
         if to_treasury > 0:
             if to_treasury != expected.amount_cents * USDC_UNITS_PER_CENT:

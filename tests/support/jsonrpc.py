@@ -124,10 +124,11 @@ def token_balance(account_index: int, mint: str, owner: str, amount: int, decima
 
 
 def solana_transfer(signature: str, mint: str, payer: str, to_owner: str, amount: int,
-                    payer_had: int = 500_000_000, to_had: int = 0, err: dict | None = None) -> dict:
+                    payer_had: int = 500_000_000, to_had: int = 0, err: dict | None = None,
+                    to_account: str | None = None) -> dict:
     """getTransaction (jsonParsed) for a transferChecked of `amount` base units of `mint` from
-    `payer`'s token account (index 1) to `to_owner`'s (index 2)."""
-    payer_ata, to_ata = solana_address(), solana_address()
+    `payer`'s token account (index 1) to `to_owner`'s (index 2; its address `to_account`, or a new one)."""
+    payer_ata, to_ata = solana_address(), to_account or solana_address()
     pre = [token_balance(1, mint, payer, payer_had), token_balance(2, mint, to_owner, to_had)]
     post = pre if err else [token_balance(1, mint, payer, payer_had - amount),
                             token_balance(2, mint, to_owner, to_had + amount)]
