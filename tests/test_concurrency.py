@@ -43,6 +43,26 @@ def test_twenty_racing_approvals_complete_the_order_once(app, api, db):
     assert completions == 1  # one payout asked for, not twenty
 
 
+def test_one_hash_racing_to_pay_several_orders_pays_one_and_the_others_are_payment_reused(app, api):
+    """One buyer, four unpaid orders of one price, one transfer: four pays race with its hash."""
+    agent, service, buyer = api.setup()
+    for _ in range(3):
+        orders = [api.order(buyer, service)["id"] for _ in range(4)]
+        tx = api.transfer(buyer, orders[0])
+        todo, lock = iter(orders), threading.Lock()
+
+        def request(client):
+            with lock:
+                oid = next(todo)
+            return client.patch(f"/api/orders/{oid}", buyer, json={"action": "pay", "escrow_tx_hash": tx})
+
+        results = _race(app, 4, request)
+        assert sorted((status, body.get("code")) for status, body in results) == \
+            [(200, None)] + [(409, "payment_reused")] * 3, results
+        statuses = sorted(api.ok("GET", f"/api/orders/{oid}", buyer)["status"] for oid in orders)
+        assert statuses == ["paid"] + ["quoted"] * 3
+
+
 def test_approve_racing_dispute_lets_exactly_one_through(app, api, db):
     agent, buyer, order = api.order_in("delivered")
     oid = order["id"]

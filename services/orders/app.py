@@ -47,8 +47,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         return errors.error_response(409, "The order changed meanwhile; reload it.", "invalid_transition")
 
     @app.errorhandler(IntegrityError)
-    def _integrity(_exc):
-        return errors.error_response(409, "That conflicts with a change made meanwhile; retry.", "conflict")
+    def _integrity(exc):
+        return _conflict(exc)
 
     @app.errorhandler(OperationalError)
     def _db_down(_exc):
@@ -67,6 +67,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     return app
 
 
+def _conflict(exc: IntegrityError) -> Response:
+    """A unique value a concurrent request took first. The payment hash is the contract's
+    payment_reused (two pays of one hash on two orders, each verified before the other committed);
+    anything else is a conflict to retry."""
+    if "escrow_tx_hash" in str(exc.orig):  # both databases name the column in the violation
+        return errors.error_response(409, errors.PaymentReused.message, "payment_reused")
+    return errors.error_response(409, "That conflicts with a change made meanwhile; retry.", "conflict")
+
+
 def _commit_error(db: Database, exc: Exception):
     if isinstance(exc, StaleDataError):
         return errors.error_response(409, "The order changed meanwhile; reload it.", "invalid_transition")
@@ -74,7 +83,7 @@ def _commit_error(db: Database, exc: Exception):
         replay = _replay_after_race(db)
         if replay is not None:
             return replay
-        return errors.error_response(409, "That conflicts with a change made meanwhile; retry.", "conflict")
+        return _conflict(exc)
     if isinstance(exc, (OperationalError, InterfaceError)):
         log.warning("commit failed", exc_info=exc)
         return errors.error_response(503, "The database is unavailable; retry later.", "service_unavailable")
