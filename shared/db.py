@@ -228,6 +228,14 @@ class Database:
                 session.rollback()
                 session.close()
 
+    def discard(self) -> None:
+        """Roll back and close the current request's session now, whatever the response will be:
+        nothing it did is to be committed."""
+        session: Session | None = g.pop("db_session", None)
+        if session is not None:
+            session.rollback()
+            session.close()
+
     def session(self) -> Session:
         """The current request's session, opened on first use (read-only for GET and HEAD)."""
         if "db_session" not in g:

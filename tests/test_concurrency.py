@@ -63,6 +63,25 @@ def test_one_hash_racing_to_pay_several_orders_pays_one_and_the_others_are_payme
         assert statuses == ["paid"] + ["quoted"] * 3
 
 
+def test_retries_racing_with_one_idempotency_key_all_get_the_first_response(app, api):
+    """A client retrying while its first approval still runs (one Idempotency-Key, five requests at
+    once): the order is approved once and every request gets that approval's 200."""
+    agent, buyer, order = api.order_in("delivered")
+    oid = order["id"]
+
+    def request(client):
+        status, body = client.patch(f"/api/orders/{oid}", buyer, json={"action": "approve"},
+                                    headers={"Idempotency-Key": "approve-once"})
+        return status, body, client.last.headers.get("Idempotent-Replayed")
+
+    results = _race(app, 5, request)
+    assert [status for status, _, _ in results] == [200] * 5, results
+    assert all(body == results[0][1] for _, body, _ in results)
+    assert sorted(str(replayed) for _, _, replayed in results) == ["None"] + ["true"] * 4
+    final = api.ok("GET", f"/api/orders/{oid}", buyer)
+    assert [t["action"] for t in final["timeline"]].count("approve") == 1
+
+
 def test_approve_racing_dispute_lets_exactly_one_through(app, api, db):
     agent, buyer, order = api.order_in("delivered")
     oid = order["id"]

@@ -515,7 +515,7 @@ def test_renew_creates_the_next_periods_order_linked_to_this_one(api):
 
     paid = api.pay(ws.buyer, renewal["id"])
     assert paid["status"] == "in_progress" and paid["workspace"]["quota_total"] == 4
-    assert api.ok("GET", f"/api/orders?status=in_progress", ws.buyer)["items"][0]["id"] == renewal["id"]
+    assert api.ok("GET", "/api/orders?status=in_progress", ws.buyer)["items"][0]["id"] == renewal["id"]
     assert api.ok("GET", f"/api/agents/{ws.agent.id}", ws.buyer)["total_orders"] == 2
 
 

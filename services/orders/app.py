@@ -8,7 +8,7 @@ import logging
 import redis
 from flask import Flask, Response, g, request
 from flask_smorest import Api
-from sqlalchemy import delete, select, text
+from sqlalchemy import delete, text
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -157,7 +157,16 @@ def _install_idempotency(app: Flask, db: Database, settings: Settings) -> None:
     @app.after_request
     def _remember(response):
         pending = g.pop("idempotency", None)
-        if pending is not None and response.status_code < 400:
+        if pending is None:
+            return response
+        if response.status_code == 409:
+            # refused because a twin with this key (a client's retry sent while the first try was
+            # still running) changed the order first: the twin's response is this request's too
+            twin = _recorded(db, pending)
+            if twin is not None:
+                db.discard()
+                return twin
+        if response.status_code < 400:
             caller, key, fingerprint = pending
             db.session().add(IdempotencyRecord(caller=caller, key=key, fingerprint=fingerprint,
                                                status=response.status_code,
@@ -173,16 +182,19 @@ def _replay(record: IdempotencyRecord) -> Response:
 
 
 def _replay_after_race(db: Database) -> Response | None:
-    """Two requests with one key raced; the loser replays the winner's response."""
+    """Two requests with one key raced to record it; the loser replays the winner's response."""
     pending = g.pop("idempotency_pending", None)
-    if pending is None:
-        return None
+    return None if pending is None else _recorded(db, pending)
+
+
+def _recorded(db: Database, pending: tuple[str, str, str]) -> Response | None:
+    """The response recorded meanwhile for this caller's key, by another request: its replay, or
+    409 if that request had another body; None if there is none."""
     caller, key, fingerprint = pending
-    with db.transaction() as session:
-        record = session.scalar(select(IdempotencyRecord).where(IdempotencyRecord.caller == caller,
-                                                                IdempotencyRecord.key == key))
-        if record is None:
-            return None
-        if record.fingerprint != fingerprint:
-            return errors.error_response(409, errors.IdempotencyConflict.message, "idempotency_conflict")
-        return _replay(record)
+    with db.read_sessionmaker() as reader:
+        record = reader.get(IdempotencyRecord, (caller, key))
+    if record is None:
+        return None
+    if record.fingerprint != fingerprint:
+        return errors.error_response(409, errors.IdempotencyConflict.message, "idempotency_conflict")
+    return _replay(record)
