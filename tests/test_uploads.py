@@ -285,6 +285,16 @@ def test_media_reports_repeat_harmlessly_and_ready_never_goes_back(api):
     assert gate.items(gate.agent)[gate.image_id]["preview_status"] == "ready"
 
 
+def test_a_media_report_storing_an_original_without_its_type_is_refused(api):
+    """The original is served with the type the report gives; a report without it changes nothing."""
+    gate = Gate(api, ready=False)
+    status, body = api.call("POST", f"/internal/items/{gate.image_id}/media", json={
+        "status": "ready", "preview_key": "previews/p.jpg", "original_key": "originals/x.jpg"},
+        headers={"X-Service-Token": api.app.config["SETTINGS"].service_token})
+    assert (status, body["code"]) == (400, "validation_error") and "content_type" in body["details"]["fields"]
+    assert gate.items(gate.agent)[gate.image_id]["preview_status"] == "pending"
+
+
 def test_the_delivered_event_tells_the_media_worker_where_each_image_is(api, db):
     from sqlalchemy import select
     from services.orders.models import OutboxEvent

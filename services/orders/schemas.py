@@ -314,6 +314,8 @@ class MediaReportIn(Schema):
             raise ValidationError("A ready item needs its preview_key.", "preview_key")
         if data["status"] == "failed" and "error" not in data:
             raise ValidationError("A failed item needs the error the agent will read.", "error")
+        if "original_key" in data and "content_type" not in data:  # the original is served with it
+            raise ValidationError("A stored original needs its content_type.", "content_type")
 
 
 class RailListQuery(Schema):
