@@ -223,10 +223,7 @@ class Database:
 
         @app.teardown_request
         def _close(_exc):
-            session: Session | None = g.pop("db_session", None)
-            if session is not None:
-                session.rollback()
-                session.close()
+            self.discard()
 
     def discard(self) -> None:
         """Roll back and close the current request's session now, whatever the response will be:

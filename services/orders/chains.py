@@ -117,7 +117,8 @@ class SolanaVerifier(_ChainVerifier):
             raise _refuse("The transaction failed on Solana.", "failed_transaction")
         # the treasury may be configured as its wallet or as its USDC token account: each token
         # account's change counts for the account itself and for the wallet that owns it
-        accounts = [key["pubkey"] if isinstance(key, dict) else key for key in tx["transaction"]["message"]["accountKeys"]]
+        accounts = [key["pubkey"] if isinstance(key, dict) else key
+                    for key in tx["transaction"]["message"]["accountKeys"]]
         received: dict[tuple[str, str], int] = {}  # (holder, mint) -> base units gained
         for sign, key in ((-1, "preTokenBalances"), (1, "postTokenBalances")):
             for entry in meta.get(key) or []:
