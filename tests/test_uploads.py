@@ -246,7 +246,9 @@ def test_tampered_and_expired_links_are_refused(api, make_app):
     query = parse_qs(urlparse(link).query)
     for changed in (_with(link, sig="0" * 64), _with(link, expires=str(int(query["expires"][0]) + 3600)),
                     link.replace("/original", "/preview").replace(gate.image_id, gate.pdf_id),
-                    _with(link, role="root"), link.split("?")[0]):
+                    _with(link, role="root"), link.split("?")[0],
+                    _with(link, sig="\u00b9\u00b2\u00b3"), _with(link, sig="\u4e2d" * 64),
+                    _with(link, expires="\u00b9\u00b2\u00b3")):  # not ASCII (the last passes str.isdigit())
         status, response = gate.fetch(changed)
         assert status == 403 and response.get_json()["code"] == "forbidden", changed
     short = make_app(file_link_ttl_seconds=1)
@@ -285,13 +287,16 @@ def test_media_reports_repeat_harmlessly_and_ready_never_goes_back(api):
     assert gate.items(gate.agent)[gate.image_id]["preview_status"] == "ready"
 
 
-def test_a_media_report_storing_an_original_without_its_type_is_refused(api):
-    """The original is served with the type the report gives; a report without it changes nothing."""
+@pytest.mark.parametrize("original, field", [
+    ({"original_key": "originals/x.jpg"}, "content_type"),  # the original is served with its type
+    ({"original_key": "originals/x.jpg", "content_type": "image/jpeg", "size": 2**63 + 1}, "size"),
+], ids=["original-without-its-type", "size-beyond-the-column"])
+def test_a_media_report_that_cannot_be_stored_is_a_400_and_changes_nothing(api, original, field):
     gate = Gate(api, ready=False)
-    status, body = api.call("POST", f"/internal/items/{gate.image_id}/media", json={
-        "status": "ready", "preview_key": "previews/p.jpg", "original_key": "originals/x.jpg"},
-        headers={"X-Service-Token": api.app.config["SETTINGS"].service_token})
-    assert (status, body["code"]) == (400, "validation_error") and "content_type" in body["details"]["fields"]
+    status, body = api.call("POST", f"/internal/items/{gate.image_id}/media",
+                            json={"status": "ready", "preview_key": "previews/p.jpg", **original},
+                            headers={"X-Service-Token": api.app.config["SETTINGS"].service_token})
+    assert (status, body["code"]) == (400, "validation_error") and field in body["details"]["fields"]
     assert gate.items(gate.agent)[gate.image_id]["preview_status"] == "pending"
 
 

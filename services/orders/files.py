@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import re
 import time
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
 from shared.settings import Settings
 
+_EXPIRES = re.compile(r"[0-9]{1,12}")
+_SIG = re.compile(r"[0-9a-f]{64}")
 VARIANTS = ("original", "preview")
 ROLES = ("buyer", "agent", "admin")
 
@@ -46,7 +49,10 @@ class Links:
 
     def check(self, item_id: str, variant: str, role: str, expires: str, sig: str, now: float | None = None) -> str | None:
         """None if the link is good, else why it is refused."""
-        if variant not in VARIANTS or role not in ROLES or not expires.isdigit() or len(expires) > 12:
+        # ASCII only: str.isdigit() also passes "¹²³", which int() refuses, and compare_digest()
+        # refuses text that is not ASCII
+        if variant not in VARIANTS or role not in ROLES or not _EXPIRES.fullmatch(expires) \
+                or not _SIG.fullmatch(sig):
             return "malformed"
         if not hmac.compare_digest(self._mac(item_id, variant, role, int(expires)), sig):
             return "tampered"

@@ -305,7 +305,7 @@ class MediaReportIn(Schema):
     original_key = fields.Str(validate=validate.Length(min=1, max=255))
     sha256 = fields.Str(validate=validate.Regexp(r"^[0-9a-f]{64}$"))
     content_type = fields.Str(validate=validate.Length(min=1, max=100))
-    size = fields.Int(strict=True, validate=validate.Range(min=0))
+    size = fields.Int(strict=True, validate=validate.Range(min=0, max=2**31 - 1))  # the column's range
     error = fields.Str(validate=validate.Length(min=1, max=2000))
 
     @validates_schema
