@@ -117,6 +117,9 @@ def create_base_app(name: str, settings: Settings, readiness: dict[str, Callable
     """`readiness` names the checks /readyz runs (each returns truthy when its dependency answers)."""
     logs.configure(name, settings.log_level)
     app = ServiceApp(name)
+    # "/api/orders//payment" (an empty or "%2F" id) is an unknown path, 404 in the envelope; merging
+    # the slashes would answer it with an HTML 308 to another route
+    app.url_map.merge_slashes = False
     app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = 1 * 1024 * 1024  # JSON bodies; uploads have their own limit
     app.json.sort_keys = False

@@ -593,6 +593,8 @@ JUNK_IDS = {
     "another kind's prefix":    lambda p: unknown_id("rev"),
     "well-formed, unknown":     lambda p: unknown_id(p),
     "blank":                    lambda p: "%20",
+    "empty":                    lambda p: "",  # two slashes in a row: not merged into another route
+    "encoded slash":            lambda p: "%2F",
 }
 ID_CASES = [(r, j) for r in ID_ROUTES for j in JUNK_IDS]
 
