@@ -652,6 +652,21 @@ def test_a_junk_service_id_in_the_body_is_404_or_400(world):
         assert world.snapshot() == before
 
 
+TIMES_BEYOND_UTC = ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+00:01"]
+
+
+@pytest.mark.parametrize("moment", TIMES_BEYOND_UTC)
+def test_a_time_with_no_utc_form_is_a_400_on_the_internal_routes(world, moment):
+    """A valid ISO 8601 time whose offset pushes it past year 1 or 9999 in UTC."""
+    run_refused(world, None, "GET", "/internal/settlements?since=" + moment.replace("+", "%2B"), "service",
+                400, "since", moment)
+    settled = world.order("completed")
+    payout = world.call("GET", f"/api/orders/{settled['id']}", "admin")[1]["data"]["payout"]
+    run_refused(world, "completed", "POST", "/internal/orders/{oid}/settlements", "service", 400, "updated_at",
+                moment, json_body={"id": payout["id"], "status": "sent", "version": 7, "updated_at": moment,
+                                   "tx_ref": "t"})
+
+
 # --- 5. unknown routes, wrong methods ------------------------------------------------------------
 
 UNKNOWN_ROUTES = [

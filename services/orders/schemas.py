@@ -1,6 +1,7 @@
 """HTTP-edge schemas: what clients may send (validated) and what they get (documented)."""
 from __future__ import annotations
 
+import datetime as dt
 import functools
 
 from marshmallow import Schema, ValidationError, fields, post_load, pre_load, validate, validates_schema
@@ -39,6 +40,18 @@ class Money(fields.Str):
         if cents <= 0 or cents > money.MAX_CENTS:
             raise ValidationError("must be more than 0.00 and at most 1000000.00")
         return cents
+
+
+class UtcDateTime(fields.AwareDateTime):
+    """An ISO 8601 time with its zone, loaded in UTC. A time that has no UTC form (year 1 or 9999
+    pushed past the calendar by its offset) is not a valid time, rather than a database error."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        moment = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return moment.astimezone(dt.timezone.utc)
+        except OverflowError:
+            raise self.make_error("invalid", input=value, obj_type=self.OBJ_TYPE) from None
 
 
 def _wallet_pair(data, wallet_key: str, chain_key: str, required: bool) -> None:
@@ -282,11 +295,11 @@ class SettlementReportIn(Schema):
     version = fields.Int(required=True, strict=True, validate=validate.Range(min=1, max=2**31 - 1))
     tx_ref = fields.Str(allow_none=True, validate=validate.Length(max=128))
     error = fields.Str(allow_none=True, validate=validate.Length(max=2000))
-    updated_at = fields.AwareDateTime(required=True)
+    updated_at = UtcDateTime(required=True)
 
 
 class SettledQuery(Schema):
-    since = fields.AwareDateTime(required=True)
+    since = UtcDateTime(required=True)
     after_id = fields.Str(validate=validate.Length(min=1, max=32))
     limit = fields.Int(load_default=200, validate=validate.Range(min=1, max=1000))
 
